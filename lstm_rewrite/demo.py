@@ -1,0 +1,115 @@
+"""The bundled demo: paths to a small brackets-counting LSTM and its data, for examples and tests.
+
+The model (``data/brackets.keras``, Keras 3) reads a nested-brackets language one character at a
+time and predicts the next one; ``examples/train_brackets.py`` trains it deterministically. Its
+``lstm`` layer keeps the nesting depth in one unit's cell state, which the audit should find.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+def demo_model_path() -> Path:
+    """Return the path of the bundled demo model file (Keras 3 ``.keras``).
+
+    Returns:
+        The path of ``brackets.keras`` inside the installed package.
+
+    Example:
+        >>> demo_model_path().name
+        'brackets.keras'
+    """
+    return DATA_DIR / "brackets.keras"
+
+
+def demo_data_path() -> Path:
+    """Return the path of the bundled ``.npz`` file (arrays ``x`` and ``depth``).
+
+    Example:
+        >>> demo_data_path().suffix
+        '.npz'
+    """
+    return DATA_DIR / "brackets_data.npz"
+
+
+def demo_data() -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Return the bundled sequences, their per-step nesting depth and the vocabulary.
+
+    Returns:
+        ``(x, depth, vocab)``: ``x`` is an int32 array (200, 66) of character ids, right-padded
+        with id 0; ``depth`` has the same shape and holds the nesting depth after each character
+        (-1 on padded steps); ``vocab`` maps an id to its character (id 0 is ``"<pad>"``).
+
+    Example:
+        >>> x, depth, vocab = demo_data()
+        >>> x.shape == depth.shape, vocab[1]
+        (True, '(')
+    """
+    with np.load(demo_data_path()) as npz:
+        x, depth = npz["x"], npz["depth"]
+    raw = json.loads((DATA_DIR / "brackets_vocab.json").read_text())
+    return x, depth, {int(k): v for k, v in raw.items()}
+
+
+def decode(ids: np.ndarray, vocab: dict[int, str] | None = None) -> str:
+    """Return the characters of one sequence of ids, padding dropped.
+
+    Example:
+        >>> decode(np.array([1, 3, 2, 6, 0, 0]))
+        '(a).'
+    """
+    vocab = vocab if vocab is not None else demo_data()[2]
+    return "".join(vocab[int(i)] for i in ids if int(i) != 0)
+
+
+def load_demo_model(flavour: str = "keras3"):
+    """Load the demo model in the requested Keras flavour.
+
+    The file is a Keras 3 ``.keras`` archive. For ``"tfkeras"`` the same architecture is built
+    with ``tf_keras`` and the weights are copied, which yields the same function in Keras 2.
+
+    Args:
+        flavour: ``"keras3"`` or ``"tfkeras"``.
+
+    Returns:
+        A compiled-free functional model: int ids (batch, time) -> next-character probabilities.
+
+    Raises:
+        ValueError: for an unknown flavour.
+
+    Example:
+        >>> model = load_demo_model("keras3")
+        >>> model.get_layer("lstm").units
+        16
+    """
+    if flavour == "keras3":
+        import keras
+
+        return keras.saving.load_model(demo_model_path(), compile=False)
+    if flavour == "tfkeras":
+        import tf_keras
+
+        source = load_demo_model("keras3")
+        model = _build_brackets(tf_keras, source)
+        for name in ("embed", "lstm", "next_char"):
+            model.get_layer(name).set_weights(source.get_layer(name).get_weights())
+        return model
+    raise ValueError(f"flavour must be 'keras3' or 'tfkeras'. Received: flavour={flavour!r}")
+
+
+def _build_brackets(keras_module, source):
+    """Rebuild the demo architecture in ``keras_module`` with the sizes of ``source``."""
+    embed, lstm, dense = (source.get_layer(n) for n in ("embed", "lstm", "next_char"))
+    inputs = keras_module.Input(shape=(None,), dtype="int32", name="chars")
+    seq = keras_module.layers.Embedding(
+        embed.input_dim, embed.output_dim, mask_zero=True, name="embed"
+    )(inputs)
+    seq = keras_module.layers.LSTM(lstm.units, return_sequences=True, name="lstm")(seq)
+    out = keras_module.layers.Dense(dense.units, activation="softmax", name="next_char")(seq)
+    return keras_module.Model(inputs, out, name="brackets")
