@@ -1,0 +1,831 @@
+"""Capture stage: run a traced model over a data set and collect its cell states, in memory or streamed to HDF5.
+
+The rewrite (``expose_cell_states``) turns states into model outputs; this module feeds data through
+that model batch by batch and gathers the state outputs as ``(sequences, time, units)`` arrays, with
+the masks of padded sequences. With ``out="states.h5"`` every batch goes straight to disk, so the
+memory used does not grow with the number of sequences.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import DataError, InvalidArgumentError, LstmRewriteError
+
+__all__ = ["StateBatch", "CellStates", "iter_state_batches", "cell_states", "FILE_FORMAT"]
+
+# Written to the root of every states file, so that `CellStates.open` can refuse foreign files.
+FILE_FORMAT = "lstm_rewrite.cell_states"
+FILE_FORMAT_VERSION = 1
+
+# Target size of one HDF5 chunk: large enough for gzip to pay off, small enough to read a few
+# sequences without decompressing megabytes.
+_CHUNK_BYTES = 256 * 1024
+
+
+@dataclass
+class StateBatch:
+    """The states of one batch of sequences.
+
+    Attributes:
+        states: output name (e.g. ``"encoder.c"``) -> array ``(batch, time, units)``, float32.
+        mask: layer prefix (e.g. ``"encoder"``) -> array ``(batch, time)``, float32, 1.0 = valid
+            step, in the time order of that layer's states; ``None`` where the layer receives no mask.
+    """
+
+    states: dict[str, np.ndarray]
+    mask: dict[str, np.ndarray | None] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        """Number of sequences in the batch."""
+        return next(iter(self.states.values())).shape[0] if self.states else 0
+
+
+# --------------------------------------------------------------------------------------------
+# Input data: normalise every accepted form to a stream of {input name: array} batches.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _InputSpec:
+    name: str
+    shape: tuple  # without the batch dimension; None = any size
+    dtype: np.dtype
+
+
+def _input_specs(model) -> list[_InputSpec]:
+    import tensorflow as tf
+
+    specs = []
+    for tensor in model.inputs:
+        shape = tuple(None if d is None else int(d) for d in tuple(tensor.shape)[1:])
+        dtype = np.dtype(tf.as_dtype(tensor.dtype).as_numpy_dtype)
+        name = str(tensor.name).split(":")[0]
+        specs.append(_InputSpec(name, shape, dtype))
+    return specs
+
+
+def _describe(value) -> str:
+    if isinstance(value, np.ndarray):
+        return f"array of shape {value.shape} and dtype {value.dtype}"
+    return f"{type(value).__name__}"
+
+
+def _expected(specs: Sequence[_InputSpec]) -> str:
+    return ", ".join(f"{s.name!r} (batch, {', '.join('?' if d is None else str(d) for d in s.shape)}) {s.dtype}"
+                     for s in specs)
+
+
+def _structure_to_dict(batch, specs: Sequence[_InputSpec], where: str) -> dict[str, Any]:
+    """Map one batch (array, list/tuple of arrays, dict by input name) onto the model's inputs."""
+    names = [s.name for s in specs]
+    if isinstance(batch, Mapping):
+        unknown = [k for k in batch if k not in names]
+        missing = [n for n in names if n not in batch]
+        if unknown or missing:
+            raise DataError(
+                f"The data {where} is a dict whose keys do not match the model's inputs: missing "
+                f"{missing}, unknown {unknown}. Use the input names as keys: {names}. "
+                f"Received keys: {list(batch)}"
+            )
+        return {n: batch[n] for n in names}
+    if isinstance(batch, (list, tuple)) and len(specs) == 1 and not (
+            len(batch) == 1 and _rank(batch[0]) == len(specs[0].shape) + 1):
+        # A single-input model given nested lists: read them as one array.
+        return {names[0]: batch}
+    if isinstance(batch, (list, tuple)):
+        if len(batch) != len(specs):
+            raise DataError(
+                f"The model takes {len(specs)} input(s) ({_expected(specs)}) but the data {where} holds "
+                f"{len(batch)} array(s). Pass one array per input, in this order, or a dict keyed by "
+                f"input name. Received: {[_describe(np.asarray(b)) for b in batch]}"
+            )
+        return dict(zip(names, batch))
+    if len(specs) != 1:
+        raise DataError(
+            f"The model takes {len(specs)} inputs ({_expected(specs)}) but the data {where} is a single "
+            f"{_describe(batch)}. Pass a list of arrays in this order or a dict keyed by input name."
+        )
+    return {names[0]: batch}
+
+
+def _check_array(name: str, value, spec: _InputSpec, where: str) -> np.ndarray:
+    """Validate one input array (shape, dtype, finiteness) and cast it to the model's input dtype."""
+    try:
+        array = np.asarray(value)
+    except Exception as exc:  # ragged lists and the like
+        raise DataError(
+            f"Input {name!r} {where} cannot be read as one array ({exc}). Pad the sequences to a common "
+            f"length first. Received: {type(value).__name__}"
+        ) from None
+    expected_rank = len(spec.shape) + 1
+    if array.dtype.kind not in "biuf":
+        raise DataError(
+            f"Input {name!r} {where} has dtype {array.dtype}; the model expects numbers ({spec.dtype}). "
+            f"Convert text to token ids first. Received: {_describe(array)}"
+        )
+    if array.ndim != expected_rank:
+        raise DataError(
+            f"Input {name!r} {where} has {array.ndim} dimension(s); the model expects {expected_rank} "
+            f"(batch, {', '.join('?' if d is None else str(d) for d in spec.shape)}). Check that the "
+            f"data is not missing or carrying an extra axis. Received: {_describe(array)}"
+        )
+    for axis, (want, got) in enumerate(zip(spec.shape, array.shape[1:]), start=1):
+        if want is not None and want != got:
+            raise DataError(
+                f"Input {name!r} {where} has size {got} on axis {axis}; the model expects {want}. "
+                f"Expected (batch, {', '.join('?' if d is None else str(d) for d in spec.shape)}). "
+                f"Received: {_describe(array)}"
+            )
+    if array.size == 0:
+        raise DataError(
+            f"Input {name!r} {where} is empty: pass at least one sequence of at least one step. "
+            f"Received: {_describe(array)}"
+        )
+    if array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            bad = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise DataError(
+                f"Input {name!r} {where} contains NaN or Inf (first at index {bad}). Clean or impute "
+                f"the data before capturing states. Received: {_describe(array)}"
+            )
+        if spec.dtype.kind in "iub" and not np.array_equal(array, np.round(array)):
+            raise DataError(
+                f"Input {name!r} {where} holds fractional values but the model expects integer ids "
+                f"({spec.dtype}). Pass token ids, not embeddings or probabilities. "
+                f"Received: {_describe(array)}"
+            )
+    return array.astype(spec.dtype, copy=False)
+
+
+def _validate_batch(batch, specs: Sequence[_InputSpec], where: str) -> dict[str, np.ndarray]:
+    arrays = _structure_to_dict(batch, specs, where)
+    checked = {s.name: _check_array(s.name, arrays[s.name], s, where) for s in specs}
+    sizes = {n: a.shape[0] for n, a in checked.items()}
+    if len(set(sizes.values())) > 1:
+        raise DataError(
+            f"The inputs {where} hold different numbers of sequences: {sizes}. Every input needs one "
+            f"row per sequence."
+        )
+    return checked
+
+
+def _is_dataset(data) -> bool:
+    try:
+        import tensorflow as tf
+    except ImportError:  # pragma: no cover - tensorflow is a dependency
+        return False
+    return isinstance(data, tf.data.Dataset)
+
+
+def _split_inputs(element, specs: Sequence[_InputSpec]):
+    """Drop targets from a Keras-style ``(x, y)`` or ``(x, y, sample_weight)`` element."""
+    if isinstance(element, tuple) and len(element) in (2, 3) and not (
+        len(specs) == len(element) and all(_rank(e) == len(s.shape) + 1 or _rank(e) == len(s.shape)
+                                           for e, s in zip(element, specs))
+    ):
+        return element[0]
+    return element
+
+
+def _rank(value) -> int | None:
+    shape = getattr(value, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return len(shape)
+    except TypeError:  # unknown rank
+        return None
+
+
+def _dataset_is_batched(dataset, specs: Sequence[_InputSpec]) -> bool:
+    spec = _split_inputs(dataset.element_spec, specs)
+    first = spec if not isinstance(spec, (Mapping, list, tuple)) else (
+        next(iter(spec.values())) if isinstance(spec, Mapping) else spec[0])
+    name = specs[0].name if isinstance(spec, Mapping) else None
+    ref = next((s for s in specs if s.name == name), specs[0])
+    rank = _rank(first)
+    if rank == len(ref.shape) + 1:
+        return True
+    if rank == len(ref.shape):
+        return False
+    raise DataError(
+        f"The tf.data.Dataset yields elements of rank {rank} for input {ref.name!r}; the model expects "
+        f"rank {len(ref.shape)} per sequence or {len(ref.shape) + 1} per batch. "
+        f"Received element_spec: {dataset.element_spec}"
+    )
+
+
+class _Batches:
+    """Iterable over validated batches ``{input name: array}``, with a length when it is known."""
+
+    def __init__(self, data, specs: Sequence[_InputSpec], batch_size: int):
+        self.specs = specs
+        self.total: int | None = None  # number of sequences, when known up front
+        if _is_dataset(data):
+            dataset = data if _dataset_is_batched(data, specs) else data.batch(batch_size)
+            cardinality = int(dataset.cardinality())
+            self._batches = None if cardinality < 0 else cardinality
+            self._source = lambda: (_split_inputs(e, specs) for e in dataset.as_numpy_iterator())
+            self._kind = "batch"
+        elif isinstance(data, (np.ndarray, Mapping, list, tuple)) or hasattr(data, "__array__"):
+            arrays = _validate_batch(data, specs, "passed as data")
+            self.total = next(iter(arrays.values())).shape[0]
+            self._batches = math.ceil(self.total / batch_size)
+            self._source = lambda: ({n: a[i:i + batch_size] for n, a in arrays.items()}
+                                    for i in range(0, self.total, batch_size))
+            self._kind = "checked"
+        elif isinstance(data, Iterable):
+            iterator = iter(data)
+            self._batches = None
+            self._source = lambda: (_split_inputs(e, specs) for e in iterator)
+            self._kind = "batch"
+        else:
+            raise DataError(
+                f"Cannot read data of type {type(data).__name__}: pass a NumPy array, a list or dict of "
+                f"arrays (one per input: {[s.name for s in specs]}), a tf.data.Dataset, or a generator "
+                f"of batches. Received: {data!r:.200}"
+            )
+
+    @property
+    def num_batches(self) -> int | None:
+        return self._batches
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        seen = 0
+        for index, batch in enumerate(self._source()):
+            if self._kind == "checked":
+                yield batch
+                continue
+            arrays = _validate_batch(batch, self.specs, f"in batch {index}")
+            seen += 1
+            yield arrays
+        if self._kind == "batch" and seen == 0:
+            raise DataError(
+                "The data yielded no batch: pass at least one sequence. Received: an empty "
+                "dataset or generator (a generator can only be read once)."
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Running the traced model.
+# --------------------------------------------------------------------------------------------
+
+
+def _quantities(states) -> tuple[str, ...]:
+    if isinstance(states, str):
+        states = (states,)
+    out: list[str] = []
+    for q in states:
+        for part in (("i", "f", "g", "o") if q == "gates" else (q,)):
+            if part not in out:
+                out.append(part)
+    return tuple(out)
+
+
+def _select_exposed(record, states, layers) -> list:
+    """The exposed outputs of an already traced model that ``states``/``layers`` ask for."""
+    exposed = list(record.exposed)
+    if states is not None:
+        wanted = _quantities(states)
+        missing = [q for q in wanted if not any(e.quantity == q for e in exposed)]
+        if missing:
+            raise InvalidArgumentError(
+                f"The traced model exposes {sorted({e.quantity for e in exposed})} but states="
+                f"{tuple(states)!r} asks for {missing}. Pass the original model to trace it again, or "
+                f"ask for exposed quantities only. Received: states={states!r}"
+            )
+        exposed = [e for e in exposed if e.quantity in wanted]
+    if layers is not None:
+        if callable(layers):
+            raise InvalidArgumentError(
+                "A predicate selector needs the layers themselves: pass the original model, or select "
+                f"the layers of an already traced model by name. Received: layers={layers!r}"
+            )
+        names = [layers] if isinstance(layers, str) else list(layers)
+        known = sorted({e.layer for e in exposed})
+
+        def matches(prefix: str, name: str) -> bool:
+            return prefix == name or prefix.startswith(name + ".")
+
+        unknown = [n for n in names if not any(matches(p, n) for p in known)]
+        if unknown:
+            raise InvalidArgumentError(
+                f"The traced model exposes no layer named {unknown}; exposed layers: {known}. "
+                f"Received: layers={layers!r}"
+            )
+        exposed = [e for e in exposed if any(matches(e.layer, n) for n in names)]
+    return exposed
+
+
+def _trace(model_or_traced, states, layers):
+    """Return (traced model, exposed outputs, {layer prefix: mask output name or None})."""
+    record = getattr(model_or_traced, "rewrite_record", None)
+    if record is not None:
+        traced = model_or_traced
+        exposed = _select_exposed(record, states, layers)
+    else:
+        from . import expose_cell_states
+
+        traced = expose_cell_states(
+            model_or_traced,
+            states=_quantities(states if states is not None else ("c",)),
+            layers=layers,
+            expose_masks=True,
+        )
+        record = traced.rewrite_record
+        exposed = list(record.exposed)
+    record_masks = dict(getattr(record, "masks", None) or {})
+    masks = {}
+    for e in exposed:
+        masks.setdefault(e.layer, record_masks.get(e.layer))
+    return traced, exposed, masks
+
+
+def _runner(traced, output_names: list[str]) -> Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]:
+    """A compiled function from ``{input name: array}`` to the named outputs, in that order."""
+    import tensorflow as tf
+
+    from .backends import flavour_of, keras_module
+
+    all_names = list(traced.output_names)
+    missing = [n for n in output_names if n not in all_names]
+    if missing:
+        raise InvalidArgumentError(
+            f"The traced model has no output named {missing}; its outputs are {all_names}. Was it "
+            f"reloaded or edited after tracing? Trace the original model again."
+        )
+    outputs = [traced.outputs[all_names.index(n)] for n in output_names]
+    sub = keras_module(flavour_of(traced)).Model(traced.inputs, outputs)
+    input_names = [s.name for s in _input_specs(traced)]
+
+    # reduce_retracing: the last, smaller batch (or a new sequence length) relaxes the traced shape
+    # instead of compiling one graph per shape.
+    @tf.function(reduce_retracing=True)
+    def run(inputs):
+        result = sub(inputs, training=False)
+        return result if isinstance(result, (list, tuple)) else [result]
+
+    def call(arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return [np.asarray(t) for t in run([arrays[n] for n in input_names])]
+
+    return call
+
+
+def _progress_bar(enabled: bool, total: int | None, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="seq", desc=desc, leave=False)
+
+
+def _iter(model_or_traced, data, states, layers, batch_size, progress):
+    """Shared by the public functions: yields (batch, exposed, masks) and keeps the progress bar."""
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InvalidArgumentError(f"batch_size must be a positive integer. Received: batch_size={batch_size!r}")
+    # Validate the data against the model's own inputs before paying for the rewrite.
+    try:
+        specs = _input_specs(model_or_traced)
+    except (AttributeError, ValueError, TypeError):
+        specs = None  # unbuilt or unusual model: the rewrite explains what is wrong with it
+    batches = None if specs is None else _Batches(data, specs, int(batch_size))
+    traced, exposed, masks = _trace(model_or_traced, states, layers)
+    if batches is None:
+        specs = _input_specs(traced)
+        batches = _Batches(data, specs, int(batch_size))
+    state_names = [e.name for e in exposed]
+    mask_names = [m for m in dict.fromkeys(masks.values()) if m is not None]
+    run = _runner(traced, state_names + mask_names)
+    with _progress_bar(progress, batches.total, "cell states") as bar:
+        for arrays in batches:
+            values = run(arrays)
+            named = dict(zip(state_names + mask_names, values))
+            batch = StateBatch(
+                states={n: np.asarray(named[n], dtype=np.float32) for n in state_names},
+                mask={p: (None if m is None else np.asarray(named[m], dtype=np.float32))
+                      for p, m in masks.items()},
+            )
+            bar.update(batch.size)
+            yield batch, exposed, traced
+
+
+def iter_state_batches(
+    model_or_traced,
+    data,
+    *,
+    states: Sequence[str] | str | None = ("c",),
+    layers=None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> Iterator[StateBatch]:
+    """Run a model batch by batch and yield the states of each batch.
+
+    Args:
+        model_or_traced: a Keras 3 or tf-keras model, which is traced here with
+            ``expose_cell_states(..., expose_masks=True)``, or a model already returned by
+            ``expose_cell_states`` (recognised by its ``rewrite_record``); for the latter ``states``
+            and ``layers`` pick among the outputs it exposes (``None`` = all of them).
+        data: a NumPy array (single-input model); a list of arrays in ``model.inputs`` order or a
+            dict keyed by input name (multi-input model); a ``tf.data.Dataset`` whose elements are
+            single sequences (batched here by ``batch_size``) or batches (used as they are), with
+            Keras-style ``(x, y)`` elements reduced to ``x``; or any other iterable/generator of
+            batches in one of the array forms above. Arrays are validated before anything runs,
+            streamed batches as they arrive.
+        states: quantities to expose: ``"c"``, ``"h"``, ``"i"``, ``"f"``, ``"g"``, ``"o"`` or
+            ``"gates"``.
+        layers: which recurrent layers: a name, a list of names or a predicate (see
+            ``expose_cell_states``); ``None`` = all.
+        batch_size: sequences per batch for arrays and unbatched datasets.
+        progress: show a tqdm progress bar on stderr.
+
+    Yields:
+        StateBatch: ``states`` maps output names (``"encoder.c"``) to float32 arrays
+        ``(batch, time, units)``; ``mask`` maps layer prefixes (``"encoder"``) to ``(batch, time)``
+        float32 masks (1.0 = valid step) or ``None`` for layers that receive no mask.
+
+    Raises:
+        DataError: the data does not fit the model (number of inputs, shape, dtype, NaN/Inf, empty).
+        InvalidArgumentError: bad ``states``, ``layers`` or ``batch_size``.
+
+    Example:
+        >>> for batch in iter_state_batches(model, x, states=("c",), batch_size=64, progress=False):
+        ...     running_max = np.maximum(running_max, batch.states["encoder.c"].max(axis=(0, 1)))
+    """
+    for batch, _, _ in _iter(model_or_traced, data, states, layers, batch_size, progress):
+        yield batch
+
+
+# --------------------------------------------------------------------------------------------
+# Collected states.
+# --------------------------------------------------------------------------------------------
+
+
+def _exposed_info(e) -> dict[str, Any]:
+    return {"layer": e.layer, "quantity": e.quantity, "layer_class": getattr(e, "layer_class", None),
+            "units": None if getattr(e, "units", None) is None else int(e.units)}
+
+
+class CellStates(Mapping):
+    """Captured states: a read-only mapping from output name to an array ``(sequences, time, units)``.
+
+    In memory the values are NumPy arrays; read from a states file (``out=`` or ``CellStates.open``)
+    they are ``h5py.Dataset`` objects that read lazily when sliced (``cs["encoder.c"][:10]``) or
+    converted (``np.asarray(cs["encoder.c"])``).
+
+    Attributes:
+        masks: layer prefix -> ``(sequences, time)`` float32 mask (1.0 = valid step, in the time
+            order of that layer's states) or ``None`` where every step is valid.
+        lengths: layer prefix -> ``(sequences,)`` int32 number of valid steps.
+        exposed: output name -> ``{"layer", "quantity", "layer_class", "units"}``.
+        config: how the states were captured (states, layers, batch size, model name, flavour).
+        path: the HDF5 file backing the values, or ``None`` in memory.
+    """
+
+    def __init__(self, arrays, masks, lengths, exposed, config, file=None):
+        self._arrays = dict(arrays)
+        self.masks = dict(masks)
+        self.lengths = dict(lengths)
+        self.exposed = dict(exposed)
+        self.config = dict(config)
+        self._file = file
+        self.path = None if file is None else file.filename
+
+    def __getitem__(self, name: str):
+        try:
+            return self._arrays[name]
+        except KeyError:
+            raise KeyError(f"No states named {name!r}; captured: {list(self._arrays)}") from None
+
+    def __iter__(self):
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    @property
+    def num_sequences(self) -> int:
+        """Number of captured sequences."""
+        return int(next(iter(self._arrays.values())).shape[0]) if self._arrays else 0
+
+    def layer_of(self, name: str) -> str:
+        """The layer prefix of an output name, e.g. ``"bi.forward"`` for ``"bi.forward.c"``."""
+        return self.exposed[name]["layer"]
+
+    def mask_for(self, name: str):
+        """The mask that goes with the states ``name`` (``None`` when every step is valid)."""
+        return self.masks.get(self.layer_of(name))
+
+    def close(self) -> None:
+        """Close the backing file (no-op in memory); the values become unreadable."""
+        if self._file is not None:
+            self._file.close()
+
+    def __enter__(self) -> "CellStates":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        shapes = {n: tuple(a.shape) for n, a in self._arrays.items()} if (
+            self._file is None or self._file.id.valid) else "closed"
+        where = f", path={self.path!r}" if self.path else ""
+        return f"CellStates({shapes}{where})"
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "CellStates":
+        """Open a states file written by ``cell_states(..., out=path)`` for lazy reading.
+
+        Example:
+            >>> with CellStates.open("states.h5") as cs:
+            ...     first = cs["encoder.c"][0]
+        """
+        import h5py
+
+        from .errors import ModelFileError
+
+        path = os.fspath(path)
+        try:
+            handle = h5py.File(path, "r")
+        except (OSError, ValueError) as exc:
+            raise ModelFileError(
+                f"Cannot open states file {path!r} ({exc}). Pass a file written by "
+                f"`cell_states(..., out=...)` or `lstm-rewrite states`."
+            ) from None
+        if handle.attrs.get("format") != FILE_FORMAT:
+            handle.close()
+            raise ModelFileError(
+                f"{path!r} is an HDF5 file but not a states file written by lstm_rewrite (no "
+                f"format={FILE_FORMAT!r} attribute). Write one with `cell_states(..., out=...)`."
+            )
+        exposed = json.loads(handle.attrs["exposed"])
+        mask_paths = json.loads(handle.attrs["masks"])
+        arrays = {name: handle["states"][name] for name in json.loads(handle.attrs["names"])}
+        masks = {p: (None if m is None else handle[m]) for p, m in mask_paths.items()}
+        lengths = {p: handle["lengths"][p][()] for p in mask_paths}
+        return cls(arrays, masks, lengths, exposed, json.loads(handle.attrs["config"]), file=handle)
+
+
+# --------------------------------------------------------------------------------------------
+# Sinks: where the batches go.
+# --------------------------------------------------------------------------------------------
+
+
+def _pad_time(array: np.ndarray, steps: int) -> np.ndarray:
+    if array.shape[1] == steps:
+        return array
+    pad = [(0, 0)] * array.ndim
+    pad[1] = (0, steps - array.shape[1])
+    return np.pad(array, pad)
+
+
+class _MemorySink:
+    """Keeps every batch; pads to the longest batch when sequence lengths differ."""
+
+    def __init__(self):
+        self._states: dict[str, list[np.ndarray]] = {}
+        self._masks: dict[str, list[np.ndarray | None]] = {}
+        self._steps: list[int] = []
+
+    def append(self, batch: StateBatch) -> None:
+        for name, value in batch.states.items():
+            self._states.setdefault(name, []).append(value)
+        for prefix, mask in batch.mask.items():
+            self._masks.setdefault(prefix, []).append(mask)
+        self._steps.append(next(iter(batch.states.values())).shape[1])
+
+    def finish(self, exposed, config) -> CellStates:
+        steps = max(self._steps)
+        ragged = len(set(self._steps)) > 1
+        arrays = {n: np.concatenate([_pad_time(v, steps) for v in vs]) for n, vs in self._states.items()}
+        masks, lengths = {}, {}
+        for prefix, parts in self._masks.items():
+            if all(m is None for m in parts) and not ragged:
+                masks[prefix] = None
+                lengths[prefix] = np.full(sum(self._sizes()), steps, dtype=np.int32)
+                continue
+            full = [np.ones((n, t), np.float32) if m is None else m
+                    for m, n, t in zip(parts, self._sizes(), self._steps)]
+            masks[prefix] = np.concatenate([_pad_time(m, steps) for m in full]).astype(np.float32)
+            lengths[prefix] = masks[prefix].sum(axis=1).astype(np.int32)
+        return CellStates(arrays, masks, lengths, exposed, config)
+
+    def _sizes(self) -> list[int]:
+        first = next(iter(self._states.values()))
+        return [v.shape[0] for v in first]
+
+    def abort(self) -> None:
+        self._states.clear()
+
+
+class _H5Sink:
+    """Appends each batch to resizable, chunked HDF5 datasets in a temporary file next to ``path``.
+
+    The file only takes its final name in ``finish``; ``abort`` removes it, so a failed capture never
+    leaves a partial file that looks complete.
+    """
+
+    def __init__(self, path: str, compression: str | None):
+        import h5py
+
+        self.path = path
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise InvalidArgumentError(
+                f"Cannot write states to {path!r}: the directory {directory!r} does not exist. Create it "
+                f"first or pick another path. Received: out={path!r}"
+            )
+        if os.path.isdir(path):
+            raise InvalidArgumentError(
+                f"Cannot write states to {path!r}: it is a directory. Pass a file name such as "
+                f"{os.path.join(path, 'states.h5')!r}. Received: out={path!r}"
+            )
+        self.tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.partial")
+        self.compression = compression
+        self.file = h5py.File(self.tmp, "w")
+        self.rows = 0
+        self.steps = 0  # current time dimension of every dataset
+        self._mask_prefixes: list[str] = []
+        self._has_mask: dict[str, bool] = {}
+
+    def _chunks(self, steps: int, units: int | None) -> tuple:
+        row = steps * (units or 1) * 4
+        if row <= _CHUNK_BYTES:
+            rows = max(1, _CHUNK_BYTES // row)
+            return (rows, steps) if units is None else (rows, steps, units)
+        step_chunk = max(1, _CHUNK_BYTES // ((units or 1) * 4))
+        return (1, min(steps, step_chunk)) if units is None else (1, min(steps, step_chunk), units)
+
+    def _create(self, group: str, name: str, steps: int, units: int | None, dtype="float32"):
+        shape = (0, steps) if units is None else (0, steps, units)
+        maxshape = (None, None) if units is None else (None, None, units)
+        return self.file.require_group(group).create_dataset(
+            name, shape=shape, maxshape=maxshape, dtype=dtype, chunks=self._chunks(steps, units),
+            compression=self.compression, fillvalue=0,
+        )
+
+    def _add_mask(self, prefix: str) -> None:
+        """Start a mask for a layer that had none: every step written so far was valid."""
+        dataset = self._create("masks", prefix, self.steps, None)
+        dataset.resize(self.rows, axis=0)
+        block = max(1, _CHUNK_BYTES // max(1, self.steps * 4))
+        for start in range(0, self.rows, block):
+            stop = min(self.rows, start + block)
+            dataset[start:stop] = np.ones((stop - start, self.steps), np.float32)
+        self._has_mask[prefix] = True
+
+    def append(self, batch: StateBatch) -> None:
+        b = batch.size
+        steps = next(iter(batch.states.values())).shape[1]
+        if self.rows == 0 and not self._has_mask:
+            self.steps = steps
+            for name, value in batch.states.items():
+                self._create("states", name, steps, value.shape[2])
+            for prefix, mask in batch.mask.items():
+                self._has_mask[prefix] = mask is not None
+                if mask is not None:
+                    self._create("masks", prefix, steps, None)
+                lengths = self.file.require_group("lengths").create_dataset(
+                    prefix, shape=(0,), maxshape=(None,), dtype="int32", chunks=(4096,))
+                del lengths
+        if steps != self.steps:
+            # Sequences of another length: pad to the longest; from now on every layer needs a mask.
+            for prefix, has in self._has_mask.items():
+                if not has:
+                    self._add_mask(prefix)
+            if steps > self.steps:
+                for group in ("states", "masks"):
+                    for dataset in self.file.get(group, {}).values():
+                        dataset.resize(steps, axis=1)
+                self.steps = steps
+        start, stop = self.rows, self.rows + b
+        for name, value in batch.states.items():
+            dataset = self.file["states"][name]
+            dataset.resize(stop, axis=0)
+            dataset[start:stop, :steps] = value
+        for prefix, mask in batch.mask.items():
+            if mask is None:
+                mask_value = np.ones((b, steps), np.float32) if self._has_mask[prefix] else None
+            else:
+                if not self._has_mask[prefix]:
+                    self._add_mask(prefix)
+                mask_value = mask
+            if mask_value is not None:
+                dataset = self.file["masks"][prefix]
+                dataset.resize(stop, axis=0)
+                dataset[start:stop, :steps] = mask_value
+                length = mask_value.sum(axis=1)
+            else:
+                length = np.full(b, steps)
+            lengths = self.file["lengths"][prefix]
+            lengths.resize(stop, axis=0)
+            lengths[start:stop] = length.astype(np.int32)
+        self.rows = stop
+
+    def finish(self, exposed, config) -> CellStates:
+        attrs = self.file.attrs
+        attrs["format"] = FILE_FORMAT
+        attrs["format_version"] = FILE_FORMAT_VERSION
+        attrs["names"] = json.dumps(list(self.file["states"]))
+        attrs["exposed"] = json.dumps(exposed)
+        attrs["masks"] = json.dumps({p: (f"masks/{p}" if has else None) for p, has in self._has_mask.items()})
+        attrs["config"] = json.dumps(config)
+        for name, dataset in self.file["states"].items():
+            for key, value in exposed[name].items():
+                if value is not None:
+                    dataset.attrs[key] = value
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return CellStates.open(self.path)
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        except Exception:  # already closed or broken by the error that brought us here
+            pass
+        try:
+            os.remove(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
+def _describe_layers(layers) -> Any:
+    if layers is None or isinstance(layers, str):
+        return layers
+    if callable(layers):
+        return getattr(layers, "__name__", "predicate")
+    return list(layers)
+
+
+def cell_states(
+    model,
+    data,
+    *,
+    states: Sequence[str] | str | None = ("c",),
+    layers=None,
+    batch_size: int = 32,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+    compression: str | None = "gzip",
+) -> CellStates:
+    """Run ``model`` over ``data`` and return every exposed state at every step.
+
+    Args:
+        model: a Keras 3 or tf-keras model, or one already traced by ``expose_cell_states``.
+        data: a NumPy array, a list/dict of arrays, a ``tf.data.Dataset`` (batched or not) or a
+            generator of batches; see ``iter_state_batches`` for the details.
+        states: quantities: ``"c"``, ``"h"``, ``"i"``, ``"f"``, ``"g"``, ``"o"``, ``"gates"``.
+        layers: which recurrent layers (name, list of names, predicate); ``None`` = all.
+        batch_size: sequences per batch for arrays and unbatched datasets.
+        out: ``None`` to keep everything in memory, or the path of an HDF5 file to stream each batch
+            to (one chunked, resizable dataset per output under ``states/``, masks under ``masks/``,
+            valid lengths under ``lengths/``, names and config as attributes). The file is written
+            under a temporary name and renamed at the end; on any error it is removed.
+        progress: show a tqdm progress bar on stderr.
+        compression: HDF5 compression filter for ``out`` (``"gzip"``, ``"lzf"`` or ``None``).
+
+    Returns:
+        CellStates: name -> ``(sequences, time, units)``, e.g. ``cs["encoder.c"]``, plus
+        ``cs.masks`` / ``cs.lengths`` per layer. Sequences of different lengths across batches are
+        padded at the end to the longest, and the padding is masked. With ``out`` the values are
+        read lazily from the file, which stays open until ``cs.close()``.
+
+    Raises:
+        DataError: the data does not fit the model.
+        InvalidArgumentError: bad ``states``, ``layers``, ``batch_size`` or ``out``.
+
+    Example:
+        >>> cs = cell_states(model, x, states=("c", "h"), progress=False)
+        >>> cs["encoder.c"].shape
+        (100, 20, 16)
+        >>> with cell_states(model, x, out="states.h5", progress=False) as cs:
+        ...     first = cs["encoder.c"][0]
+    """
+    sink = _MemorySink() if out is None else _H5Sink(os.fspath(out), compression)
+    try:
+        exposed, traced = None, None
+        for batch, exposed, traced in _iter(model, data, states, layers, batch_size, progress):
+            sink.append(batch)
+        info = {e.name: _exposed_info(e) for e in exposed}
+        from .backends import flavour_of
+
+        config = {
+            "states": list(_quantities(states)) if states is not None else None,
+            "layers": _describe_layers(layers),
+            "batch_size": int(batch_size),
+            "model": getattr(traced, "name", None),
+            "flavour": flavour_of(traced),
+        }
+        return sink.finish(info, config)
+    except BaseException:
+        sink.abort()
+        raise
