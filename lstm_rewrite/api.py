@@ -1,0 +1,57 @@
+"""The public entry point: rewrite, then prove the original outputs did not change."""
+
+from __future__ import annotations
+
+from . import backends
+from .rewrite import LayerSelector, rewrite_model
+from .verify import check
+
+
+def expose_cell_states(
+    model,
+    states=("c",),
+    layers: LayerSelector = None,
+    *,
+    verify: bool = True,
+    sample_inputs=None,
+    expose_masks: bool = False,
+):
+    """Return a copy of ``model`` that also outputs every LSTM's states at every time step.
+
+    The traced model's outputs are the original outputs (same order, names and values), then one
+    output per exposed quantity, shape ``[batch, time, units]``, named ``<layer>.<quantity>``:
+    ``encoder.c``, ``bi.forward.c`` / ``bi.backward.c``, ``shared.call1.c``, ``body.inner.c``.
+    The input model is never changed.
+
+    Args:
+        model: a functional or Sequential model, Keras 3 or tf-keras, with at least one LSTM.
+        states: which quantities to expose: any of ``"c"``, ``"h"``, ``"i"``, ``"f"``, ``"g"``,
+            ``"o"``, and ``"gates"`` for the four gates.
+        layers: which LSTMs: a name, a list of names (layer names or dotted sites) or a predicate
+            on the layer; None for all.
+        verify: run both models on ``sample_inputs`` and raise if an original output differs.
+        sample_inputs: inputs for the verification; synthesized from the input specs when None.
+        expose_masks: also add, per exposed call, ``<site>.mask`` of shape ``[batch, time]``
+            (1.0 on valid steps), in the same time order as that call's states.
+
+    Returns:
+        A Keras model of the same flavour as ``model``; ``traced.rewrite_record`` describes what
+        was added (see `lstm_rewrite.rewrite.RewriteRecord`).
+
+    Raises:
+        UnsupportedModelError, UnsupportedLayerError: what the rewrite cannot handle, by name.
+        InvalidArgumentError: an unknown state or layer name.
+        VerificationError: the traced model's original outputs differ.
+
+    Example:
+        >>> traced = expose_cell_states(model, states=("c", "h", "gates"), layers=["encoder"])
+        >>> outputs = traced.predict(x)   # original outputs first, then the state sequences
+    """
+    traced, record = rewrite_model(model, states=states, layers=layers, expose_masks=expose_masks)
+    if verify:
+        record.verification = check(model, traced, sample_inputs)
+    traced.rewrite_record = record
+    return traced
+
+
+__all__ = ["expose_cell_states", "backends"]

@@ -1,0 +1,147 @@
+"""Keras 3 backend: how Keras 3 spells the functional graph, and the traced layers for it.
+
+Keras 3 keeps ``operation``, ``arguments.args`` / ``arguments.kwargs`` and a flat ``outputs`` list
+on each node; masks travel as explicit ``mask=`` keywords produced by operations in the graph.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from ..cells import define_traced_layers
+
+FLAVOUR = "keras3"
+LSTM = keras.layers.LSTM
+LSTMCell = keras.layers.LSTMCell
+RNN = keras.layers.RNN
+Bidirectional = keras.layers.Bidirectional
+Wrapper = keras.layers.Wrapper
+Embedding = keras.layers.Embedding
+Masking = keras.layers.Masking
+Identity = keras.layers.Identity
+
+
+def _dropout_masks(cell, inputs, h_tm1, training):
+    if training and 0.0 < cell.dropout < 1.0:
+        mask = cell.get_dropout_mask(inputs)
+        inputs = inputs * (mask[0] if isinstance(mask, (list, tuple)) else mask)
+    if training and 0.0 < cell.recurrent_dropout < 1.0:
+        mask = cell.get_recurrent_dropout_mask(h_tm1)
+        h_tm1 = h_tm1 * (mask[0] if isinstance(mask, (list, tuple)) else mask)
+    return inputs, h_tm1
+
+
+_traced = define_traced_layers(keras, ops, _dropout_masks)
+for _name, _cls in _traced.items():
+    _cls.__name__ = _cls.__qualname__ = _name
+    keras.saving.register_keras_serializable(package="lstm_rewrite", name=_name)(_cls)
+TracedLSTMCell = _traced["TracedLSTMCell"]
+TracedRNN = _traced["TracedRNN"]
+TracedBidirectional = _traced["TracedBidirectional"]
+
+
+# --- the graph -----------------------------------------------------------------------------
+
+
+def flatten(structure):
+    return keras.tree.flatten(structure)
+
+
+def map_structure(fn, structure):
+    return keras.tree.map_structure(fn, structure)
+
+
+def is_tensor(obj) -> bool:
+    return isinstance(obj, keras.KerasTensor)
+
+
+def is_model(layer) -> bool:
+    return isinstance(layer, keras.Model)
+
+
+def is_input_layer(layer) -> bool:
+    return isinstance(layer, keras.layers.InputLayer)
+
+
+def functional_of(model):
+    """The Functional graph behind ``model``, or None when it has none (subclassed, unbuilt)."""
+    if isinstance(model, keras.Sequential):
+        return getattr(model, "_functional", None)
+    if isinstance(model, keras.Model) and hasattr(model, "_nodes_by_depth") and getattr(model, "_inputs_struct", None) is not None:
+        return model
+    return None
+
+
+def graph_nodes(functional):
+    """Every node of this functional level, as (operation, args, kwargs, outputs, is_input)."""
+    for depth in sorted(functional._nodes_by_depth, reverse=True):
+        for node in functional._nodes_by_depth[depth]:
+            yield node, node.operation, node.arguments.args, node.arguments.kwargs, list(node.outputs), node.is_input
+
+
+def inbound_nodes(layer):
+    return list(getattr(layer, "_inbound_nodes", []))
+
+
+def inputs_structure(functional):
+    return functional._inputs_struct
+
+
+def outputs_of(functional):
+    return list(functional.outputs)
+
+
+def output_names(model) -> list[str]:
+    functional = functional_of(model)
+    return list((functional or model).output_names)
+
+
+def make_input(tensor):
+    return keras.Input(batch_shape=tuple(tensor.shape), dtype=tensor.dtype, sparse=tensor.sparse, name=tensor.name)
+
+
+def make_model(inputs, outputs, name):
+    return keras.Model(inputs, outputs, name=name)
+
+
+def recurrent_call(args, kwargs):
+    """Split a recorded RNN-layer call into (inputs, initial_state, mask, other kwargs)."""
+    kwargs = dict(kwargs)
+    inputs = args[0] if args else kwargs.pop("sequences", kwargs.pop("inputs", None))
+    initial_state = kwargs.pop("initial_state", None)
+    if initial_state is None and len(args) > 1:
+        initial_state = args[1]
+    mask = kwargs.pop("mask", None)
+    if initial_state is not None:
+        initial_state = list(flatten(initial_state))
+    return inputs, initial_state, mask, kwargs
+
+
+def call_mask(inputs, mask):
+    """The mask the original recurrent call ran with: Keras 3 records it as a keyword."""
+    return mask
+
+
+def call_traced(layer, inputs, initial_state, mask, kwargs):
+    call_kwargs = {k: v for k, v in kwargs.items() if k == "training"}
+    if initial_state is not None:
+        call_kwargs["initial_state"] = initial_state
+    if mask is not None:
+        call_kwargs["mask"] = mask
+    return layer(inputs, **call_kwargs)
+
+
+def stateful_variables(layer):
+    """The state variables of a stateful RNN layer (empty for others)."""
+    if getattr(layer, "stateful", False) and getattr(layer, "states", None) is not None:
+        return [s for s in flatten(layer.states) if hasattr(s, "assign")]
+    return []
+
+
+def compute_dtype(layer) -> str:
+    return str(getattr(layer, "compute_dtype", "float32"))
+
+
+def activation_name(fn) -> str:
+    return keras.activations.serialize(fn) if not isinstance(fn, str) else fn

@@ -1,0 +1,170 @@
+"""tf-keras (Keras 2) backend: how tf-keras spells the functional graph, and the traced layers for it.
+
+tf-keras keeps ``layer``, ``call_args`` / ``call_kwargs`` and nested ``outputs`` on each node;
+masks ride on the tensors (``_keras_mask``) and ``initial_state`` is folded into the call's
+inputs as ``[x, h, c]``.
+"""
+
+from __future__ import annotations
+
+import types
+
+import tensorflow as tf
+import tf_keras as keras
+
+from ..cells import define_traced_layers
+
+FLAVOUR = "tfkeras"
+LSTM = keras.layers.LSTM
+LSTMCell = keras.layers.LSTMCell
+RNN = keras.layers.RNN
+Bidirectional = keras.layers.Bidirectional
+Wrapper = keras.layers.Wrapper
+Embedding = keras.layers.Embedding
+Masking = keras.layers.Masking
+Identity = keras.layers.Identity
+
+# The few ops the traced layers use, under their keras.ops names.
+ops = types.SimpleNamespace(
+    matmul=tf.linalg.matmul,
+    split=lambda x, n, axis=-1: tf.split(x, n, axis=axis),
+    concatenate=lambda xs, axis=-1: tf.concat(xs, axis=axis),
+    where=tf.where,
+    flip=lambda x, axis: tf.reverse(x, [axis]),
+    expand_dims=tf.expand_dims,
+    cast=tf.cast,
+    cumsum=lambda x, axis: tf.cumsum(x, axis=axis),
+    zeros_like=tf.zeros_like,
+    ones_like=tf.ones_like,
+)
+
+
+def _dropout_masks(cell, inputs, h_tm1, training):
+    if training and 0.0 < cell.dropout < 1.0:
+        inputs = inputs * cell.get_dropout_mask_for_cell(inputs, training, count=4)[0]
+    if training and 0.0 < cell.recurrent_dropout < 1.0:
+        h_tm1 = h_tm1 * cell.get_recurrent_dropout_mask_for_cell(h_tm1, training, count=4)[0]
+    return inputs, h_tm1
+
+
+_traced = define_traced_layers(keras, ops, _dropout_masks)
+for _name, _cls in _traced.items():
+    _cls.__name__ = _cls.__qualname__ = _name
+    keras.saving.register_keras_serializable(package="lstm_rewrite", name=_name)(_cls)
+TracedLSTMCell = _traced["TracedLSTMCell"]
+TracedRNN = _traced["TracedRNN"]
+TracedBidirectional = _traced["TracedBidirectional"]
+
+
+# --- the graph -----------------------------------------------------------------------------
+
+
+def flatten(structure):
+    return tf.nest.flatten(structure)
+
+
+def map_structure(fn, structure):
+    return tf.nest.map_structure(fn, structure)
+
+
+def is_tensor(obj) -> bool:
+    return keras.backend.is_keras_tensor(obj) if hasattr(obj, "_keras_history") or hasattr(obj, "type_spec") else False
+
+
+def is_model(layer) -> bool:
+    return isinstance(layer, keras.Model)
+
+
+def is_input_layer(layer) -> bool:
+    return isinstance(layer, keras.layers.InputLayer)
+
+
+def functional_of(model):
+    """The model itself when it is a graph network (functional, or Sequential with known input)."""
+    if isinstance(model, keras.Model) and getattr(model, "_is_graph_network", False):
+        return model
+    return None
+
+
+def graph_nodes(functional):
+    """Every node of this functional level, as (layer, args, kwargs, outputs, is_input)."""
+    for depth in sorted(functional._nodes_by_depth, reverse=True):
+        for node in functional._nodes_by_depth[depth]:
+            yield node, node.layer, tuple(node.call_args), dict(node.call_kwargs), flatten(node.outputs), node.is_input
+
+
+def inbound_nodes(layer):
+    return list(getattr(layer, "_inbound_nodes", []))
+
+
+def inputs_structure(functional):
+    return functional._nested_inputs
+
+
+def outputs_of(functional):
+    return list(functional.outputs)
+
+
+def output_names(model) -> list[str]:
+    return list(model.output_names)
+
+
+def make_input(tensor):
+    return keras.Input(
+        batch_shape=tuple(tensor.shape),
+        dtype=tensor.dtype,
+        name=tensor._keras_history.layer.name,
+        sparse=isinstance(tensor.type_spec, tf.SparseTensorSpec),
+        ragged=isinstance(tensor.type_spec, tf.RaggedTensorSpec),
+    )
+
+
+def make_model(inputs, outputs, name):
+    return keras.Model(inputs, outputs, name=name)
+
+
+def recurrent_call(args, kwargs):
+    """Split a recorded RNN-layer call into (inputs, initial_state, mask, other kwargs)."""
+    kwargs = dict(kwargs)
+    inputs = args[0] if args else kwargs.pop("inputs")
+    initial_state = kwargs.pop("initial_state", None)
+    kwargs.pop("constants", None)
+    mask = kwargs.pop("mask", None)
+    if isinstance(inputs, (list, tuple)):
+        # tf-keras folds initial_state into the inputs: [x, h, c] or [x, hf, cf, hb, cb].
+        inputs, folded = inputs[0], list(inputs[1:])
+        if folded:
+            initial_state = folded
+    if initial_state is not None:
+        initial_state = list(flatten(initial_state))
+    return inputs, initial_state, mask, kwargs
+
+
+def call_mask(inputs, mask):
+    """The mask the original recurrent call ran with: tf-keras takes it from the input tensor."""
+    if mask is not None:
+        return mask
+    return getattr(inputs, "_keras_mask", None)
+
+
+def call_traced(layer, inputs, initial_state, mask, kwargs):
+    # tf-keras hands the input tensor's mask to the layer by itself; passing it again would break
+    # the node's bookkeeping, since a mask is not a layer output.
+    call_kwargs = {k: v for k, v in kwargs.items() if k == "training"}
+    if initial_state is not None:
+        call_kwargs["initial_state"] = initial_state
+    return layer(inputs, **call_kwargs)
+
+
+def stateful_variables(layer):
+    if getattr(layer, "stateful", False) and getattr(layer, "states", None) is not None:
+        return [s for s in flatten(layer.states) if hasattr(s, "assign")]
+    return []
+
+
+def compute_dtype(layer) -> str:
+    return str(getattr(layer, "compute_dtype", "float32"))
+
+
+def activation_name(fn) -> str:
+    return keras.activations.serialize(fn) if not isinstance(fn, str) else fn

@@ -1,0 +1,222 @@
+"""Verification: run the original and the traced model on the same inputs and compare their outputs.
+
+Tolerances: float32 models must agree within ``atol=1e-5, rtol=1e-4``. The traced cell computes
+the same equations as the Keras LSTM but may group the matrix products differently, which moves
+results by a few float32 ulps per step; 1e-5 leaves room for that over long sequences while still
+catching any real difference (a wrong gate, a misaligned step or mask is off by 1e-2 or more).
+Models with a float16 or bfloat16 compute dtype get ``atol=rtol=1e-2`` (float16's resolution).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from . import backends
+from .errors import DataError, VerificationError
+
+FLOAT32_TOLERANCE = (1e-5, 1e-4)  # (atol, rtol)
+HALF_TOLERANCE = (1e-2, 1e-2)
+DEFAULT_BATCH = 3
+DEFAULT_TIME = 7
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputComparison:
+    """How one original output of the traced model compares with the model's."""
+
+    name: str
+    max_abs_diff: float
+    atol: float
+    rtol: float
+    ok: bool
+
+
+@dataclasses.dataclass
+class VerificationReport:
+    """Result of `verify`: one comparison per original output."""
+
+    outputs: list
+    batch_size: int
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outputs)
+
+    def __str__(self) -> str:
+        rows = [f"  {o.name}: max |diff| {o.max_abs_diff:.3g} (atol {o.atol:g}, rtol {o.rtol:g})"
+                f" {'ok' if o.ok else 'MISMATCH'}" for o in self.outputs]
+        return "\n".join([f"verification on a batch of {self.batch_size}: {'ok' if self.ok else 'FAILED'}", *rows])
+
+
+def verify(model, traced, inputs=None) -> VerificationReport:
+    """Run ``model`` and ``traced`` on ``inputs`` and compare every original output.
+
+    Args:
+        model: the original Keras model.
+        traced: the model returned by `expose_cell_states` (its first outputs are the original ones).
+        inputs: what ``model`` takes (array, list or dict of arrays); synthesized from the input
+            specs when None (see `synthesize_inputs`).
+
+    Returns:
+        A VerificationReport; ``report.ok`` tells whether every output agreed.
+
+    Example:
+        >>> report = verify(model, expose_cell_states(model, verify=False))
+        >>> report.ok
+        True
+    """
+    if inputs is None:
+        inputs = synthesize_inputs(model)
+    saved = _save_states(model) + _save_states(traced)
+    try:
+        expected = _run(model, inputs)
+        _restore_states(saved)
+        actual = _run(traced, inputs)[: len(expected)]
+    finally:
+        _restore_states(saved)
+    atol, rtol = _tolerance(model)
+    names = backends.for_model(model).output_names(model)
+    comparisons = []
+    for name, want, got in zip(names, expected, actual):
+        want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
+        if want.shape != got.shape:
+            comparisons.append(OutputComparison(name, float("inf"), atol, rtol, False))
+            continue
+        diff = float(np.max(np.abs(want - got))) if want.size else 0.0
+        ok = bool(np.allclose(got, want, atol=atol, rtol=rtol, equal_nan=True))
+        comparisons.append(OutputComparison(name, diff, atol, rtol, ok))
+    return VerificationReport(comparisons, _batch_size(inputs))
+
+
+def check(model, traced, inputs=None) -> VerificationReport:
+    """`verify`, raising VerificationError naming every output that differs."""
+    report = verify(model, traced, inputs)
+    if not report.ok:
+        bad = [o for o in report.outputs if not o.ok]
+        details = "; ".join(f"{o.name!r}: max |diff| {o.max_abs_diff:.3g} > atol {o.atol:g} + rtol {o.rtol:g}"
+                            for o in bad)
+        raise VerificationError(
+            f"The traced model of {model.name!r} does not reproduce the original outputs: {details}. "
+            f"The rewrite does not handle something in this model; please report it with the model's summary. "
+            f"Pass verify=False to get the traced model anyway.", report)
+    return report
+
+
+def synthesize_inputs(model, batch_size: int = DEFAULT_BATCH, time_steps: int = DEFAULT_TIME, seed: int = 0):
+    """Make a batch of inputs from ``model``'s input specs.
+
+    Floats are standard normal; integer inputs that feed an ``Embedding`` are ids in
+    ``[1, input_dim)``; the time axis gets ``time_steps`` where it is None; every sample but the
+    first has trailing padded steps (id 0 for ``Embedding(mask_zero=True)``, the mask value for
+    ``Masking``), so masked paths are exercised.
+
+    Example:
+        >>> x = synthesize_inputs(model)
+    """
+    backend = backends.for_model(model)
+    rng = np.random.default_rng(seed)
+    tensors = list(model.inputs)
+    batch = _fixed_batch(tensors) or batch_size
+    arrays = []
+    for tensor in tensors:
+        consumer = _first_consumer(model, tensor, backend)
+        shape = [batch] + [time_steps if d is None else int(d) for d in list(tensor.shape)[1:]]
+        dtype = np.dtype(_dtype_name(tensor.dtype))
+        if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+            high = int(getattr(consumer, "input_dim", 10)) if isinstance(consumer, backend.Embedding) else 10
+            array = rng.integers(1, max(high, 2), size=shape).astype(dtype)
+            pad = 0
+        else:
+            array = rng.standard_normal(shape).astype(dtype)
+            pad = float(consumer.mask_value) if isinstance(consumer, backend.Masking) else None
+        if len(shape) >= 2 and shape[1] > 2 and pad is not None:
+            for b in range(1, batch):
+                array[b, shape[1] - min(b, shape[1] - 1):] = pad
+        arrays.append(array)
+    return arrays[0] if len(arrays) == 1 else arrays
+
+
+def _first_consumer(model, tensor, backend):
+    """The first layer that consumes ``tensor`` in ``model`` (looking into Sequential wrappers)."""
+    functional = backend.functional_of(model) or model
+    for node, layer, args, kwargs, _, is_input in backend.graph_nodes(functional):
+        if is_input:
+            continue
+        flat = backend.flatten((list(args), dict(kwargs)))
+        if any(t is tensor for t in flat):
+            return layer
+    if functional is not model:
+        for inner in functional.inputs:
+            return _first_consumer(functional, inner, backend)
+    return None
+
+
+def _fixed_batch(tensors):
+    for tensor in tensors:
+        if tensor.shape[0] is not None:
+            return int(tensor.shape[0])
+    return None
+
+
+def _dtype_name(dtype) -> str:
+    return getattr(dtype, "name", None) or str(dtype)
+
+
+def _run(model, inputs) -> list:
+    try:
+        outputs = model(inputs, training=False)
+    except (ValueError, TypeError) as error:
+        raise DataError(
+            f"Model {model.name!r} could not run on the verification inputs: {error}. Pass sample_inputs= with "
+            f"arrays shaped like the model's inputs {[tuple(t.shape) for t in model.inputs]}."
+        ) from error
+    if isinstance(outputs, dict):
+        outputs = list(outputs.values())
+    if not isinstance(outputs, (list, tuple)):
+        outputs = [outputs]
+    return [np.asarray(o) for o in outputs]
+
+
+def _tolerance(model):
+    for layer in _all_layers(model):
+        if str(getattr(layer, "compute_dtype", "float32")) in ("float16", "bfloat16"):
+            return HALF_TOLERANCE
+    return FLOAT32_TOLERANCE
+
+
+def _all_layers(model):
+    for layer in getattr(model, "layers", []):
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+        for attr in ("forward_layer", "backward_layer", "layer", "rnn", "forward", "backward"):
+            inner = getattr(layer, attr, None)
+            if inner is not None and hasattr(inner, "name") and inner is not layer:
+                yield inner
+
+
+def _save_states(model):
+    """(variable, value) for every stateful RNN state, so that verification leaves them as they were."""
+    saved = []
+    for layer in _all_layers(model):
+        if getattr(layer, "stateful", False) and getattr(layer, "states", None) is not None:
+            for variable in layer.states if isinstance(layer.states, (list, tuple)) else [layer.states]:
+                if hasattr(variable, "assign"):
+                    saved.append((variable, np.array(variable.numpy())))
+    return saved
+
+
+def _restore_states(saved):
+    for variable, value in saved:
+        variable.assign(value)
+
+
+def _batch_size(inputs) -> int:
+    first = inputs
+    while isinstance(first, (list, tuple)):
+        first = first[0]
+    if isinstance(first, dict):
+        first = next(iter(first.values()))
+    return int(np.shape(first)[0])
