@@ -8,19 +8,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-try:  # the tests folder is a plain directory or a package depending on how pytest is started
-    from tests import reference as ref
-except ImportError:  # pragma: no cover
-    import reference as ref
+import reference as ref
 
-FLAVOURS = ["keras3", "tfkeras"]
 # Keras runs in float32, the oracle in float64; a few float32 roundings over <= 6 steps stay far below this.
 ATOL = RTOL = 1e-5
 
 
-@pytest.fixture(params=FLAVOURS)
-def flavour(request: pytest.FixtureRequest) -> str:
-    return request.param
+@pytest.fixture
+def flavour(flavour) -> str:
+    """conftest's flavour fixture (both flavours, fresh session), reduced to its name."""
+    return flavour.name
 
 
 def kmod(flavour: str):
