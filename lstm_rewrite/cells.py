@@ -106,6 +106,13 @@ def define_traced_layers(keras, ops, dropout_masks):
             self.expose_mask = expose_mask
             self.supports_masking = True
 
+        def build(self, input_shape):
+            # Build the inner RNN here, not lazily in call: Keras 3 traces call in a stateless scope
+            # where a stateful RNN could not create its state variables.
+            if not self.rnn.built:
+                self.rnn.build(input_shape)
+            self.built = True
+
         @property
         def go_backwards(self):
             return self.rnn.go_backwards
@@ -190,6 +197,12 @@ def define_traced_layers(keras, ops, dropout_masks):
             self.return_sequences = return_sequences
             self.return_state = return_state
             self.supports_masking = True
+
+        def build(self, input_shape):
+            for layer in (self.forward, self.backward):
+                if not layer.built:
+                    layer.build(input_shape)
+            self.built = True
 
         def _split_results(self, results, layer):
             states = layer.num_states if self.return_state else 0

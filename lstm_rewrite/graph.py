@@ -6,7 +6,7 @@ where k is the call's index among the calls that belong to this model. Node data
 - ``layer``: the layer (or Keras 3 operation) object called;
 - ``call_index``: k; ``args`` / ``kwargs``: the recorded call arguments, holding the original
   Keras tensors; ``outputs``: the flat list of tensors the call produced;
-- ``is_input``: True for an ``InputLayer``.
+- ``is_input``: True for an ``InputLayer``; ``order``: the sort key `walk` uses.
 
 An edge u -> v means v consumes a tensor u produced. ``graph.graph`` holds ``inputs`` (the
 model's input structure), ``outputs`` (its flat outputs) and ``producer`` (id(tensor) -> (node,
@@ -30,6 +30,7 @@ def build_graph(functional, backend) -> nx.DiGraph:
     """
     graph = nx.DiGraph()
     records = list(backend.graph_nodes(functional))
+    layer_position = {id(layer): k for k, layer in enumerate(functional.layers)}
     own_nodes = {id(node) for node, *_ in records}
     producer = {}
     for node, layer, args, kwargs, outputs, is_input in records:
@@ -39,7 +40,7 @@ def build_graph(functional, backend) -> nx.DiGraph:
         key = f"{layer.name}#{call_index}"
         graph.add_node(
             key, layer=layer, call_index=call_index, args=args, kwargs=kwargs, outputs=outputs,
-            is_input=is_input,
+            is_input=is_input, order=(layer_position.get(id(layer), len(layer_position)), call_index, key),
         )
         for position, tensor in enumerate(outputs):
             producer.setdefault(id(tensor), (key, position))
@@ -60,6 +61,12 @@ def build_graph(functional, backend) -> nx.DiGraph:
     )
     check_graph(graph)
     return graph
+
+
+def walk(graph: nx.DiGraph) -> list:
+    """Node keys in topological order; ties broken by the model's layer order, then call index,
+    so that the rewrite, and the order of the outputs it adds, are deterministic."""
+    return list(nx.lexicographical_topological_sort(graph, key=lambda key: graph.nodes[key]["order"]))
 
 
 def input_tensors(node_data, backend) -> list:

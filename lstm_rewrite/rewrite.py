@@ -14,13 +14,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterable, Union
 
-import networkx as nx
 import numpy as np
 
 from . import backends
 from .cells import LSTM_STATE_INDEX
 from .errors import InvalidArgumentError, UnsupportedLayerError, UnsupportedModelError
-from .graph import build_graph
+from .graph import build_graph, walk
 from .naming import MASK, output_name, parse_states, site_name
 
 LayerSelector = Union[None, str, Iterable[str], Callable[[object], bool]]
@@ -35,6 +34,7 @@ class ExposedOutput:
     quantity: str  # c, h, i, f, g, o
     layer_class: str
     units: int
+    dtype: str = "float32"  # the layer's dtype policy; the exposed sequence has its compute dtype
 
 
 @dataclasses.dataclass
@@ -177,7 +177,7 @@ def plan_rewrite(model, layers: LayerSelector = None) -> list:
 def _collect_sites(model, backend, prefix, select, sites, seen_models):
     functional = _functional(model, backend)
     graph = build_graph(functional, backend)
-    for key in nx.topological_sort(graph):
+    for key in walk(graph):
         data = graph.nodes[key]
         if data["is_input"]:
             continue
@@ -235,14 +235,14 @@ class ReplacementBuilder:
         rnn = backend.RNN(
             cell, return_sequences=True, return_state=True, go_backwards=lstm.go_backwards,
             stateful=lstm.stateful, unroll=lstm.unroll, zero_output_for_mask=False, name="rnn",
-            dtype=lstm.dtype_policy if hasattr(lstm, "dtype_policy") else lstm._dtype_policy,
+            dtype=backend.dtype_policy(lstm),
         )
         return backend.TracedRNN(
             rnn, extras=self.extras, exposed=self.quantities, state_index=LSTM_STATE_INDEX,
             return_sequences=lstm.return_sequences if return_sequences is None else return_sequences,
             return_state=lstm.return_state if return_state is None else return_state,
             zero_output_for_mask=bool(getattr(lstm, "zero_output_for_mask", False)),
-            expose_mask=self.expose_masks, name=name,
+            expose_mask=self.expose_masks, name=name, dtype=backend.dtype_policy(lstm),
         )
 
     def traced_bidirectional(self, bi):
@@ -250,7 +250,7 @@ class ReplacementBuilder:
         backward = self.traced_lstm(bi.backward_layer, "backward", bi.return_sequences, bi.return_state)
         return self.backend.TracedBidirectional(
             forward, backward, merge_mode=bi.merge_mode, return_sequences=bi.return_sequences,
-            return_state=bi.return_state, name=bi.name,
+            return_state=bi.return_state, name=bi.name, dtype=self.backend.dtype_policy(bi),
         )
 
     @staticmethod
@@ -285,7 +285,8 @@ def _state_variables(layer):
 class _Level:
     """What rebuilding one functional level produced: the new model and its added outputs."""
 
-    def __init__(self, model, exposed, masks):
+    def __init__(self, inputs, model, exposed, masks):
+        self.inputs = inputs  # the new model's inputs, in the original input structure
         self.model = model
         self.exposed = exposed  # [ExposedOutput] with names relative to this level
         self.masks = masks  # {relative site: relative mask name}
@@ -317,14 +318,15 @@ class RewritePass:
         taken = {l.name for l in level.model.layers}
         extra = outputs[original_count:]
         exposed_names = [e.name for e in level.exposed] + list(level.masks.values())
+        dtypes = {e.name: e.dtype for e in level.exposed}
         for name, tensor in zip(exposed_names, extra):
             if name in taken:
                 raise UnsupportedModelError(
                     f"Model {self.model.name!r} already has a layer named {name!r}, the name of an exposed output. "
                     f"Rename that layer before rewriting. Received: layer {name!r}"
                 )
-            named.append(backend.Identity(name=name)(tensor))
-        traced = backend.make_model(level.model.inputs, outputs[:original_count] + named, name=self.model.name)
+            named.append(backend.Identity(name=name, dtype=dtypes.get(name, "float32"))(tensor))
+        traced = backend.make_model(level.inputs, outputs[:original_count] + named, name=self.model.name)
         record.exposed = list(level.exposed)
         record.masks = dict(level.masks)
         record.replaced = sorted({e.layer for e in level.exposed})
@@ -344,7 +346,7 @@ class RewritePass:
         def new_tensor(obj):
             return tensors[id(obj)] if backend.is_tensor(obj) else obj
 
-        for key in nx.topological_sort(graph):
+        for key in walk(graph):
             data = graph.nodes[key]
             if data["is_input"]:
                 continue
@@ -374,10 +376,10 @@ class RewritePass:
             # The top level names its outputs itself (identity layers), see `run`.
             new_model = backend.make_model(inputs, outputs + extra_tensors + mask_tensors, name=model.name)
         else:
-            named = [backend.Identity(name=e.name)(t) for e, t in zip(exposed, extra_tensors)]
+            named = [backend.Identity(name=e.name, dtype=e.dtype)(t) for e, t in zip(exposed, extra_tensors)]
             named += [backend.Identity(name=name)(t) for name, t in zip(masks.values(), mask_tensors)]
             new_model = backend.make_model(inputs, outputs + named, name=model.name)
-        return _Level(new_model, exposed, masks)
+        return _Level(inputs, new_model, exposed, masks)
 
     def _call_copy(self, layer, args, kwargs):
         copy = self.layer_copies.get(id(layer))
@@ -420,8 +422,8 @@ class RewritePass:
             if kind == "bidirectional" else [(site, layer)]
         entries = []
         for sub_site, lstm in directions:
-            entries += [ExposedOutput(output_name(sub_site, q), sub_site, q, "LSTM", int(lstm.units))
-                        for q in builder.quantities]
+            entries += [ExposedOutput(output_name(sub_site, q), sub_site, q, "LSTM", int(lstm.units),
+                                      backend.dtype_policy(lstm)) for q in builder.quantities]
         if builder.expose_masks:
             if kind == "bidirectional":
                 # Forward and backward states were aligned to input time: one mask serves both,

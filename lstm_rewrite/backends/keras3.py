@@ -139,6 +139,11 @@ def stateful_variables(layer):
     return []
 
 
+def dtype_policy(layer) -> str:
+    """The name of the layer's dtype policy ("float32", "mixed_float16", ...), to give its copies."""
+    return layer.dtype_policy.name
+
+
 def compute_dtype(layer) -> str:
     return str(getattr(layer, "compute_dtype", "float32"))
 

@@ -1,0 +1,110 @@
+"""Shared test fixtures: the Keras-flavour fixture, seeds, and checks every rewrite test makes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import types
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+FLAVOURS = ("keras3", "tfkeras")
+
+
+def keras_of(name: str):
+    if name == "keras3":
+        import keras
+    else:
+        import tf_keras as keras
+    return keras
+
+
+@pytest.fixture(params=FLAVOURS)
+def flavour(request):
+    """Both Keras flavours: ``flavour.name`` ("keras3"/"tfkeras"), ``flavour.keras``, ``flavour.layers``."""
+    keras = keras_of(request.param)
+    keras.utils.set_random_seed(1234)
+    keras.backend.clear_session()
+    return types.SimpleNamespace(name=request.param, keras=keras, layers=keras.layers)
+
+
+def weights_checksum(model) -> str:
+    """A checksum of every weight of ``model``, in order, with names: detects any change."""
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        digest.update(str(variable.name).encode())
+        digest.update(np.ascontiguousarray(np.asarray(variable.numpy())).tobytes())
+    return digest.hexdigest()
+
+
+def as_list(outputs):
+    if isinstance(outputs, dict):
+        return [np.asarray(v) for v in outputs.values()]
+    if isinstance(outputs, (list, tuple)):
+        return [np.asarray(o) for o in outputs]
+    return [np.asarray(outputs)]
+
+
+def run(model, x):
+    return as_list(model(x, training=False))
+
+
+class Untouched:
+    """Snapshot of a model (weights checksum, outputs, layer names, output names, graph size),
+    checked again after a rewrite: the user's model must never change."""
+
+    def __init__(self, model, x):
+        self.model, self.x = model, x
+        self.checksum = weights_checksum(model)
+        self.outputs = run(model, x)
+        self.layer_names = [l.name for l in model.layers]
+        self.inbound = [len(getattr(l, "_inbound_nodes", [])) for l in model.layers]
+
+    def check(self):
+        assert weights_checksum(self.model) == self.checksum, "the original model's weights changed"
+        assert [l.name for l in self.model.layers] == self.layer_names, "the original model's layers changed"
+        assert [len(getattr(l, "_inbound_nodes", [])) for l in self.model.layers] == self.inbound, \
+            "the original model's graph changed (new calls recorded on its layers)"
+        for before, after in zip(self.outputs, run(self.model, self.x)):
+            np.testing.assert_array_equal(before, after)
+
+
+def lstm_weights(layer):
+    """(kernel, recurrent_kernel, bias or None) of an LSTM layer, as NumPy arrays."""
+    cell = layer.cell
+    bias = np.asarray(cell.bias.numpy()) if cell.use_bias else None
+    return np.asarray(cell.kernel.numpy()), np.asarray(cell.recurrent_kernel.numpy()), bias
+
+
+def activation_name(fn):
+    name = getattr(fn, "__name__", str(fn))
+    return {"hard_sigmoid": "hard_sigmoid"}.get(name, name)
+
+
+def reference_lstm(layer, x, flavour_name, **kwargs):
+    """tests/reference.py's LSTM run with ``layer``'s weights and activations."""
+    from reference import lstm
+
+    kernel, recurrent_kernel, bias = lstm_weights(layer)
+    return lstm(
+        x, kernel, recurrent_kernel, bias,
+        activation=activation_name(layer.cell.activation),
+        recurrent_activation=activation_name(layer.cell.recurrent_activation),
+        go_backwards=layer.go_backwards, flavour=flavour_name, **kwargs,
+    )
+
+
+def outputs_by_name(traced, x):
+    return dict(zip(traced.output_names, run(traced, x)))
+
+
+def assert_states_match(named, site, expected, quantities=("c",), atol=1e-5):
+    """Each exposed ``site.q`` equals the reference's ``q`` (shape and values)."""
+    for q in quantities:
+        got = named[f"{site}.{q}"]
+        want = expected[q]
+        assert got.shape == want.shape, f"{site}.{q}: shape {got.shape} != reference {want.shape}"
+        np.testing.assert_allclose(got, want, atol=atol, rtol=1e-4, err_msg=f"{site}.{q}")
