@@ -328,13 +328,33 @@ def _select_exposed(record, states, layers) -> list:
     return exposed
 
 
+def _reversed_sites(model) -> dict[str, bool]:
+    """Which exposed layers run backwards in time: a plain ``go_backwards`` LSTM's states stay in
+    processing order (index 0 = last input step); Bidirectional states are aligned to input time."""
+    from .rewrite import plan_rewrite
+
+    try:
+        sites = plan_rewrite(model)
+    except LstmRewriteError:
+        return {}
+    found = {}
+    for site in sites:
+        if site.kind == "lstm":
+            found[site.site] = bool(getattr(site.layer, "go_backwards", False))
+        else:
+            found[f"{site.site}.forward"] = found[f"{site.site}.backward"] = False
+    return found
+
+
 def _trace(model_or_traced, states, layers):
-    """Return (traced model, exposed outputs, {layer prefix: mask output name or None})."""
+    """Return (traced model, exposed outputs, {layer prefix: mask output name or None}, reversed)."""
     record = getattr(model_or_traced, "rewrite_record", None)
+    reversed_sites: dict[str, bool] = {}
     if record is not None:
         traced = model_or_traced
         exposed = _select_exposed(record, states, layers)
     else:
+        reversed_sites = _reversed_sites(model_or_traced)
         from . import expose_cell_states
 
         traced = expose_cell_states(
@@ -349,7 +369,11 @@ def _trace(model_or_traced, states, layers):
     masks = {}
     for e in exposed:
         masks.setdefault(e.layer, record_masks.get(e.layer))
-    return traced, exposed, masks
+    reversed_layers = {}
+    for e in exposed:
+        flag = getattr(e, "reversed", None)
+        reversed_layers[e.layer] = bool(flag) if flag is not None else reversed_sites.get(e.layer)
+    return traced, exposed, masks, reversed_layers
 
 
 def _runner(traced, output_names: list[str]) -> Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]:
@@ -367,11 +391,13 @@ def _runner(traced, output_names: list[str]) -> Callable[[Mapping[str, np.ndarra
         )
     outputs = [traced.outputs[all_names.index(n)] for n in output_names]
     sub = keras_module(flavour_of(traced)).Model(traced.inputs, outputs)
-    input_names = [s.name for s in _input_specs(traced)]
+    specs = _input_specs(traced)
+    input_names = [s.name for s in specs]
+    # One graph for every batch: batch size (the last batch is smaller) and, where the model allows
+    # it, sequence length are left open instead of tracing the LSTM loop once per shape.
+    signature = [[tf.TensorSpec((None, *s.shape), tf.as_dtype(s.dtype)) for s in specs]]
 
-    # reduce_retracing: the last, smaller batch (or a new sequence length) relaxes the traced shape
-    # instead of compiling one graph per shape.
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=signature)
     def run(inputs):
         result = sub(inputs, training=False)
         return result if isinstance(result, (list, tuple)) else [result]
@@ -398,7 +424,7 @@ def _iter(model_or_traced, data, states, layers, batch_size, progress):
     except (AttributeError, ValueError, TypeError):
         specs = None  # unbuilt or unusual model: the rewrite explains what is wrong with it
     batches = None if specs is None else _Batches(data, specs, int(batch_size))
-    traced, exposed, masks = _trace(model_or_traced, states, layers)
+    traced, exposed, masks, reversed_layers = _trace(model_or_traced, states, layers)
     if batches is None:
         specs = _input_specs(traced)
         batches = _Batches(data, specs, int(batch_size))
@@ -415,7 +441,7 @@ def _iter(model_or_traced, data, states, layers, batch_size, progress):
                       for p, m in masks.items()},
             )
             bar.update(batch.size)
-            yield batch, exposed, traced
+            yield batch, exposed, traced, reversed_layers
 
 
 def iter_state_batches(
@@ -460,7 +486,7 @@ def iter_state_batches(
         >>> for batch in iter_state_batches(model, x, states=("c",), batch_size=64, progress=False):
         ...     running_max = np.maximum(running_max, batch.states["encoder.c"].max(axis=(0, 1)))
     """
-    for batch, _, _ in _iter(model_or_traced, data, states, layers, batch_size, progress):
+    for batch, *_ in _iter(model_or_traced, data, states, layers, batch_size, progress):
         yield batch
 
 
@@ -469,9 +495,10 @@ def iter_state_batches(
 # --------------------------------------------------------------------------------------------
 
 
-def _exposed_info(e) -> dict[str, Any]:
+def _exposed_info(e, reversed_layers: Mapping[str, bool | None]) -> dict[str, Any]:
     return {"layer": e.layer, "quantity": e.quantity, "layer_class": getattr(e, "layer_class", None),
-            "units": None if getattr(e, "units", None) is None else int(e.units)}
+            "units": None if getattr(e, "units", None) is None else int(e.units),
+            "reversed": reversed_layers.get(e.layer)}
 
 
 class CellStates(Mapping):
@@ -485,7 +512,10 @@ class CellStates(Mapping):
         masks: layer prefix -> ``(sequences, time)`` float32 mask (1.0 = valid step, in the time
             order of that layer's states) or ``None`` where every step is valid.
         lengths: layer prefix -> ``(sequences,)`` int32 number of valid steps.
-        exposed: output name -> ``{"layer", "quantity", "layer_class", "units"}``.
+        exposed: output name -> ``{"layer", "quantity", "layer_class", "units", "reversed"}``;
+            ``reversed`` is true for a ``go_backwards`` LSTM, whose time axis (and mask) runs from
+            the last input step to the first, false when the axis follows the input, ``None`` when
+            unknown (an already traced model was passed).
         config: how the states were captured (states, layers, batch size, model name, flavour).
         path: the HDF5 file backing the values, or ``None`` in memory.
     """
@@ -812,10 +842,10 @@ def cell_states(
     """
     sink = _MemorySink() if out is None else _H5Sink(os.fspath(out), compression)
     try:
-        exposed, traced = None, None
-        for batch, exposed, traced in _iter(model, data, states, layers, batch_size, progress):
+        exposed, traced, reversed_layers = None, None, {}
+        for batch, exposed, traced, reversed_layers in _iter(model, data, states, layers, batch_size, progress):
             sink.append(batch)
-        info = {e.name: _exposed_info(e) for e in exposed}
+        info = {e.name: _exposed_info(e, reversed_layers) for e in exposed}
         from .backends import flavour_of
 
         config = {
