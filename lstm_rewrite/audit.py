@@ -17,14 +17,16 @@ Statistics, per recurrent layer prefix (``"encoder"``, ``"bi.forward"``) and per
   1 + f + f^2 + ..., is 1 / (1 - f): f = 0.9 keeps information for about 10 steps. ``inf`` when
   the mean is 1.
 * dead units: |h| below ``dead_eps`` on every valid step.
-* growth of |c| over time: the step index of a valid step is the number of valid steps before it
-  in its sequence, in the order of the layer's state sequence. ``growth_slope`` is the
-  least-squares slope of |c| against that index over all valid steps; ``growth_ratio`` is the mean
+* growth of |c| over time: the step index of a valid step is the number of valid steps the
+  layer processed before it in its sequence (so left and right padding agree, and the backward
+  half of ``Bidirectional`` counts from the end). ``growth.slope`` is the
+  least-squares slope of |c| against that index over all valid steps; ``growth.ratio`` is the mean
   |c| over the last quarter of step indices divided by the mean over the second quarter (the first
   quarter, where c leaves its initial value, is left out). A unit drifts when the ratio exceeds
   ``drift_ratio`` while its late mean |c| exceeds ``drift_min_abs_c``.
 * with ``labels``: Pearson r between each unit's c (and h) and each label over valid steps whose
-  label is finite, from merged co-moments.
+  label is finite, from merged co-moments. Labels are given in input time, like the data; for a
+  ``go_backwards`` layer, whose states run in reversed input time, they are flipped to match.
 """
 
 from __future__ import annotations
@@ -434,8 +436,18 @@ class _LayerAccumulator:
             self.abs_c_sum = np.concatenate([self.abs_c_sum, np.zeros((grow, self.units))])
             self.step_count = np.concatenate([self.step_count, np.zeros(grow, dtype=np.int64)])
         idx = index[valid]
-        np.add.at(self.abs_c_sum, idx, abs_c[valid].astype(np.float64))
-        self.step_count += np.bincount(idx, minlength=self.step_count.shape[0])
+        length = self.step_count.shape[0]
+        self.step_count += np.bincount(idx, minlength=length)
+        steps = valid.shape[1]
+        if (idx == np.nonzero(valid)[1]).all():
+            # Right padding (or none): the index is the position, a plain masked sum over the batch.
+            upto = min(steps, length)  # positions past either end hold no valid step
+            masked = np.where(valid[:, :upto, None], abs_c[:, :upto], 0.0)
+            self.abs_c_sum[:upto] += masked.sum(axis=0, dtype=np.float64)
+        else:
+            rows = abs_c[valid].astype(np.float64)  # [valid steps, units]
+            for unit in range(self.units):
+                self.abs_c_sum[:, unit] += np.bincount(idx, weights=rows[:, unit], minlength=length)
 
     def _keep_samples(self, states, valid, labels) -> None:
         row = 0

@@ -113,3 +113,35 @@ def _build_brackets(keras_module, source):
     seq = keras_module.layers.LSTM(lstm.units, return_sequences=True, name="lstm")(seq)
     out = keras_module.layers.Dense(dense.units, activation="softmax", name="next_char")(seq)
     return keras_module.Model(inputs, out, name="brackets")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Audit the demo model on its bundled data and write the report: ``python -m lstm_rewrite.demo``.
+
+    Example:
+        >>> main(["--out", "out/demo", "--quiet"])  # doctest: +SKIP
+        0
+    """
+    import argparse
+
+    from .audit import audit
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lstm_rewrite.demo",
+        description="Audit the bundled brackets LSTM against the nesting depth and write an HTML report.",
+    )
+    parser.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
+    parser.add_argument("--flavour", choices=("keras3", "tfkeras"), default="keras3")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    x, depth, _ = demo_data()
+    report = audit(load_demo_model(args.flavour), x, labels={"depth": depth}, progress=not args.quiet)
+    page = report.to_html(args.out)
+    print(report.summary())
+    print(f"Report: {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -143,9 +143,10 @@ def plot_saturation(layer: "LayerAudit", out_dir: str) -> str | None:
         ax.bar(units + (k - (len(series) - 1) / 2) * width, fraction, width=width, label=name)
     ax.set_xlabel("unit")
     ax.set_ylabel("fraction of valid steps saturated")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.2)  # headroom for the legend above the bars
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.set_xticks(units if layer.units <= 64 else units[:: max(1, layer.units // 32)])
-    ax.legend(ncol=len(series), fontsize="small")
+    ax.legend(ncol=len(series), fontsize="small", loc="upper center")
     ax.set_title(f"{layer.prefix}: saturation")
     return _save(fig, out_dir, f"saturation_{_slug(layer.prefix)}.png")
 
