@@ -338,3 +338,23 @@ def test_thresholds_and_labels_are_checked():
         audit_batches(batches, labels={"y": np.zeros((20, 40))})
     with pytest.raises(DataError, match="no batch"):
         audit_batches([])
+
+
+def test_left_and_right_padding_give_the_same_growth():
+    rng = np.random.default_rng(10)
+    n, steps, units = 12, 15, 3
+    lengths = rng.integers(4, steps + 1, size=n)
+    right = np.zeros((n, steps, units))
+    left = np.full((n, steps, units), 1e6)  # padding values must never count
+    right_mask = np.zeros((n, steps))
+    left_mask = np.zeros((n, steps))
+    for row, length in enumerate(lengths):
+        values = rng.normal(size=(length, units)) * np.arange(1, length + 1)[:, None]
+        right[row, :length], right_mask[row, :length] = values, 1
+        left[row, steps - length:], left_mask[row, steps - length:] = values, 1
+    a = audit_batches([({"l.c": right[:5]}, {"l": right_mask[:5]}), ({"l.c": right[5:]}, {"l": right_mask[5:]})])
+    b = audit_batches([({"l.c": left[:7]}, {"l": left_mask[:7]}), ({"l.c": left[7:]}, {"l": left_mask[7:]})])
+    ga, gb = a.layers["l"].growth, b.layers["l"].growth
+    np.testing.assert_allclose(ga["mean_abs_c_by_step"], gb["mean_abs_c_by_step"], rtol=1e-12)
+    np.testing.assert_allclose(ga["slope"], gb["slope"], rtol=1e-10)
+    assert ga["slope"].min() > 0  # |c| grows with the index by construction
