@@ -147,7 +147,10 @@ def _read_h5(path: str) -> ModelFileInfo:
         with h5py.File(path, "r") as handle:
             attrs = {k: handle.attrs[k] for k in ("keras_version", "backend", "model_config")
                      if k in handle.attrs}
-            has_weights = "model_weights" in handle or "layer_names" in handle.attrs
+            # Legacy weights files list "layer_names"; Keras 3 / tf-keras ".weights.h5" files hold
+            # "layers" and "vars" groups.
+            has_weights = ("model_weights" in handle or "layer_names" in handle.attrs
+                           or ("layers" in handle and "vars" in handle))
     except (OSError, ValueError) as exc:
         raise ModelFileError(
             f"{path!r} looks like an HDF5 file but cannot be read ({exc}); it is probably truncated or "
@@ -279,6 +282,24 @@ def find_unsafe_layers(config: dict) -> list[tuple[str, str]]:
     return found
 
 
+_BUILTIN_MODULES = ("keras", "tf_keras", "builtins")
+
+
+def _custom_classes(config) -> list[str]:
+    """Registered names of the classes a config needs that neither Keras defines."""
+    found = []
+    for node in _walk(config):
+        if not isinstance(node, dict) or "class_name" not in node:
+            continue
+        registered = node.get("registered_name")
+        module = node.get("module")
+        name = str(registered or node["class_name"])
+        if (">" in name or (isinstance(module, str) and not module.startswith(_BUILTIN_MODULES))) \
+                and name not in found and name != "function":
+            found.append(name)
+    return found
+
+
 def _keras_module(flavour: str):
     from .backends import keras_module
 
@@ -336,9 +357,14 @@ def load_model(path: str | os.PathLike, *, safe: bool = True, custom_objects: di
                                            safe_mode=safe)
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = ("pass the custom classes with custom_objects" if "custom_objects" in str(exc)
-                or "Unknown" in str(exc) or "not found" in str(exc).lower()
-                else "check that the file is complete and was written by Keras")
+        custom = [c for c in _custom_classes(info.config) if c not in (custom_objects or {})]
+        if custom:
+            hint = (f"the model uses custom classes {custom}: import the code that defines them, or pass "
+                    f"them with custom_objects={{name: class}}")
+        elif "custom_objects" in str(exc) or "Unknown" in str(exc):
+            hint = "pass the custom classes or functions it names with custom_objects"
+        else:
+            hint = "check that the file is complete and was written by Keras"
         raise ModelFileError(
             f"{path!r} ({info.format}, written by {info.flavour} {info.keras_version or '?'}) could not be "
             f"loaded: {type(exc).__name__}: {message[:300]}. To fix: {hint}. Received: {path!r}"
