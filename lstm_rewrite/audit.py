@@ -975,17 +975,37 @@ def audit(
     else:
         traced = model
     classes = {e.layer: getattr(e, "layer_class", None) for e in record.exposed}
-    orientations = {e.layer: _orientation(model, e) for e in record.exposed}
+    planned = _planned_orientations(model) if traced is not model else {}
+    orientations = {e.layer: planned.get(e.layer) or _orientation(model, e) for e in record.exposed}
     batches = iter_state_batches(traced, data, states=None, layers=None, batch_size=batch_size,
                                  progress=progress)
     return audit_batches(batches, labels=labels, thresholds=thresholds, layer_classes=classes,
                          orientations=orientations)
 
 
-def _orientation(model, exposed) -> str:
-    """How the states of one exposed layer run in time (see ``audit_batches``).
+def _planned_orientations(model) -> dict[str, str]:
+    """Orientation of every LSTM site of an original model, from the rewrite's own plan."""
+    from .errors import LstmRewriteError
+    from .rewrite import plan_rewrite
 
-    The rewrite exposes a ``go_backwards`` layer's states in its processing order and flips the
+    try:
+        sites = plan_rewrite(model)
+    except LstmRewriteError:
+        return {}
+    found = {}
+    for site in sites:
+        if site.kind == "bidirectional":
+            found[f"{site.site}.forward"] = "forward"
+            found[f"{site.site}.backward"] = "backward_aligned"
+        else:
+            found[site.site] = "go_backwards" if getattr(site.layer, "go_backwards", False) else "forward"
+    return found
+
+
+def _orientation(model, exposed) -> str:
+    """How the states of one exposed layer run in time (see ``audit_batches``), by its name.
+
+    Used for an already traced model, whose plan is gone. The rewrite exposes a ``go_backwards`` layer's states in its processing order and flips the
     backward half of ``Bidirectional`` back to input time; find which case applies by walking the
     dotted prefix through the model (nested models, then wrapper parts such as ``backward``).
     """
