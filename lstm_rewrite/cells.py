@@ -20,7 +20,7 @@ LSTM_STATE_INDEX = {"h": 0, "c": 1}
 MERGE_MODES = ("concat", "sum", "ave", "mul", None)
 
 
-def define_traced_layers(keras, ops, dropout_masks):
+def define_traced_layers(keras, ops, dropout_masks, name_scope):
     """Define TracedLSTMCell, TracedRNN and TracedBidirectional for one Keras flavour.
 
     Args:
@@ -29,6 +29,8 @@ def define_traced_layers(keras, ops, dropout_masks):
             passes a thin shim over TensorFlow).
         dropout_masks: ``f(cell, inputs, h_tm1, training) -> (inputs, h_tm1)`` applying the
             cell's (recurrent) dropout the way that flavour's LSTMCell does during training.
+        name_scope: that flavour's name-scope context manager (tf-keras names weights by scope,
+            and ``.h5`` files need the forward and backward weights apart).
 
     Returns:
         A dict of the three classes, keyed by class name.
@@ -177,7 +179,9 @@ def define_traced_layers(keras, ops, dropout_masks):
         @classmethod
         def from_config(cls, config, custom_objects=None):
             config = dict(config)
-            config["rnn"] = layers.deserialize(config["rnn"], custom_objects=custom_objects)
+            # Legacy .h5 configs name the cell by its bare class name: resolve it here.
+            known = {"TracedLSTMCell": TracedLSTMCell, **(custom_objects or {})}
+            config["rnn"] = layers.deserialize(config["rnn"], custom_objects=known)
             return cls(**config)
 
     class TracedBidirectional(layers.Layer):
@@ -201,7 +205,8 @@ def define_traced_layers(keras, ops, dropout_masks):
         def build(self, input_shape):
             for layer in (self.forward, self.backward):
                 if not layer.built:
-                    layer.build(input_shape)
+                    with name_scope(layer.name):
+                        layer.build(input_shape)
             self.built = True
 
         def _split_results(self, results, layer):

@@ -32,7 +32,7 @@ def _dropout_masks(cell, inputs, h_tm1, training):
     return inputs, h_tm1
 
 
-_traced = define_traced_layers(keras, ops, _dropout_masks)
+_traced = define_traced_layers(keras, ops, _dropout_masks, keras.name_scope)
 for _name, _cls in _traced.items():
     _cls.__name__ = _cls.__qualname__ = _name
     keras.saving.register_keras_serializable(package="lstm_rewrite", name=_name)(_cls)
