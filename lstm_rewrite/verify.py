@@ -135,6 +135,17 @@ def synthesize_inputs(model, batch_size: int = DEFAULT_BATCH, time_steps: int = 
             for b in range(1, batch):
                 array[b, shape[1] - min(b, shape[1] - 1):] = pad
         arrays.append(array)
+    return _like_input_structure(model, arrays)
+
+
+def _like_input_structure(model, arrays):
+    """Arrange flat arrays like the model's own input structure (a Keras 3 model built on a
+    one-element list expects a list; a dict-input model a dict), so that no structure warning fires."""
+    structure = getattr(backends.for_model(model).functional_of(model) or model, "_inputs_struct", None)
+    if isinstance(structure, dict):
+        return dict(zip(structure.keys(), arrays))
+    if isinstance(structure, (list, tuple)):
+        return list(arrays)
     return arrays[0] if len(arrays) == 1 else arrays
 
 
