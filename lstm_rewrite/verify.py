@@ -143,7 +143,8 @@ def _like_input_structure(model, arrays):
     one-element list expects a list; a dict-input model a dict), so that no structure warning fires."""
     structure = getattr(backends.for_model(model).functional_of(model) or model, "_inputs_struct", None)
     if isinstance(structure, dict):
-        return dict(zip(structure.keys(), arrays))
+        position = {id(t): k for k, t in enumerate(model.inputs)}
+        return {key: arrays[position[id(t)]] for key, t in structure.items()}
     if isinstance(structure, (list, tuple)):
         return list(arrays)
     return arrays[0] if len(arrays) == 1 else arrays
