@@ -253,8 +253,7 @@ class ReplacementBuilder:
             return_state=bi.return_state, name=bi.name, dtype=self.backend.dtype_policy(bi),
         )
 
-    @staticmethod
-    def copy_lstm_weights(source_lstm, traced) -> None:
+    def copy_lstm_weights(self, source_lstm, traced) -> None:
         """Copy kernel, recurrent kernel, bias (and stateful states) by role, checking shapes."""
         pairs = [(source_lstm.cell.kernel, traced.rnn.cell.kernel),
                  (source_lstm.cell.recurrent_kernel, traced.rnn.cell.recurrent_kernel)]
@@ -263,7 +262,7 @@ class ReplacementBuilder:
         source_states = _state_variables(source_lstm)
         pairs += list(zip(source_states, _state_variables(traced.rnn)))
         for source, target in pairs:
-            value = np.asarray(source.numpy())
+            value = np.asarray(self.backend.to_numpy(source))
             if tuple(value.shape) != tuple(target.shape):
                 raise UnsupportedLayerError(
                     f"Layer {source_lstm.name!r} (LSTM): weight {source.name!r} has shape {value.shape}, but the "

@@ -188,7 +188,8 @@ def _run(model, inputs) -> list:
         outputs = list(outputs.values())
     if not isinstance(outputs, (list, tuple)):
         outputs = [outputs]
-    return [np.asarray(o) for o in outputs]
+    to_numpy = backends.for_model(model).to_numpy
+    return [np.asarray(to_numpy(o)) for o in outputs]
 
 
 def _tolerance(model):
@@ -216,7 +217,7 @@ def _save_states(model):
         if getattr(layer, "stateful", False) and getattr(layer, "states", None) is not None:
             for variable in layer.states if isinstance(layer.states, (list, tuple)) else [layer.states]:
                 if hasattr(variable, "assign"):
-                    saved.append((variable, np.array(variable.numpy())))
+                    saved.append((variable, np.array(backends.for_model(model).to_numpy(variable))))
     return saved
 
 

@@ -103,11 +103,11 @@ def test_verification_failure_names_the_output(flavour, monkeypatch):
     guard = Untouched(model, x)
     original = rewrite_module.ReplacementBuilder.copy_lstm_weights
 
-    def corrupt(source, traced):
-        original(source, traced)
+    def corrupt(self, source, traced):
+        original(self, source, traced)
         traced.rnn.cell.kernel.assign(traced.rnn.cell.kernel.numpy() + 0.1)
 
-    monkeypatch.setattr(rewrite_module.ReplacementBuilder, "copy_lstm_weights", staticmethod(corrupt))
+    monkeypatch.setattr(rewrite_module.ReplacementBuilder, "copy_lstm_weights", corrupt)
     with pytest.raises(VerificationError, match=r"'encoder': max \|diff\|") as info:
         expose_cell_states(model)
     assert not info.value.report.ok

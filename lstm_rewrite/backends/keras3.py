@@ -139,6 +139,11 @@ def stateful_variables(layer):
     return []
 
 
+def to_numpy(value):
+    """A tensor or variable of any Keras 3 backend (a CUDA tensor too) as a NumPy array."""
+    return keras.ops.convert_to_numpy(value)
+
+
 def dtype_policy(layer) -> str:
     """The name of the layer's dtype policy ("float32", "mixed_float16", ...), to give its copies."""
     return layer.dtype_policy.name

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import types
 
+import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
@@ -160,6 +161,11 @@ def stateful_variables(layer):
     if getattr(layer, "stateful", False) and getattr(layer, "states", None) is not None:
         return [s for s in flatten(layer.states) if hasattr(s, "assign")]
     return []
+
+
+def to_numpy(value):
+    """A tensor or variable as a NumPy array."""
+    return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
 
 
 def dtype_policy(layer) -> str:
