@@ -283,14 +283,9 @@ class _Batches:
 
 
 def _quantities(states) -> tuple[str, ...]:
-    if isinstance(states, str):
-        states = (states,)
-    out: list[str] = []
-    for q in states:
-        for part in (("i", "f", "g", "o") if q == "gates" else (q,)):
-            if part not in out:
-                out.append(part)
-    return tuple(out)
+    from .naming import parse_states
+
+    return parse_states(states)
 
 
 def _select_exposed(record, states, layers) -> list:

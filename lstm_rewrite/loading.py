@@ -357,7 +357,10 @@ def load_model(path: str | os.PathLike, *, safe: bool = True, custom_objects: di
                                            safe_mode=safe)
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        custom = [c for c in _custom_classes(info.config) if c not in (custom_objects or {})]
+        saving = getattr(keras_mod, "saving", None)
+        registered = getattr(saving, "get_registered_object", lambda name: None)
+        custom = [c for c in _custom_classes(info.config)
+                  if c not in (custom_objects or {}) and registered(c) is None]
         if custom:
             hint = (f"the model uses custom classes {custom}: import the code that defines them, or pass "
                     f"them with custom_objects={{name: class}}")

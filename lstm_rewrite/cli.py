@@ -1,0 +1,494 @@
+"""Command line: ``lstm-rewrite inspect | expose | states | audit``, a thin shell over the library.
+
+Every expected failure (a missing file, a model the rewrite cannot handle, data that does not fit)
+prints one line on stderr and exits with status 2, without a traceback and without leaving a
+partial output behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import DataError, InvalidArgumentError, LstmRewriteError, ModelFileError, VerificationError
+
+EXIT_OK = 0
+EXIT_ERROR = 2  # expected errors, like argparse's usage errors
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the command's inputs.
+# --------------------------------------------------------------------------------------------
+
+
+def _split(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise InvalidArgumentError(f"Expected a comma-separated list such as 'c,h,gates'. Received: {value!r}")
+    return items
+
+
+def _load(path: str, unsafe: bool):
+    from .loading import load_model
+
+    return load_model(path, safe=not unsafe)
+
+
+def _input_names(model) -> list[str]:
+    from .capture import _input_specs
+
+    return [s.name for s in _input_specs(model)]
+
+
+def _read_arrays(path: str, what: str) -> dict[str, Any]:
+    """Read a .npy (one array, key "") or .npz (named arrays) file."""
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise DataError(f"The {what} file {path!r} does not exist. Check the path. Received: {path!r}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as exc:  # numpy raises ValueError/OSError/EOFError/zipfile errors
+        raise DataError(
+            f"Cannot read the {what} file {path!r} ({type(exc).__name__}: {exc}). Pass a .npy file "
+            f"(one array) or a .npz file (np.savez) of numeric arrays. Received: {path!r}"
+        ) from None
+    if isinstance(loaded, np.ndarray):
+        return {"": loaded}
+    with loaded:
+        return {key: loaded[key] for key in loaded.files}
+
+
+def read_data(path: str, input_names: Sequence[str]):
+    """Map a .npy/.npz file onto a model's inputs: one array, a dict by input name, or a list in order.
+
+    Example:
+        >>> read_data("x.npz", ["tokens", "features"])  # doctest: +SKIP
+    """
+    arrays = _read_arrays(path, "data")
+    names = list(input_names)
+    if list(arrays) == [""]:
+        if len(names) != 1:
+            raise DataError(
+                f"{path!r} holds one array but the model takes {len(names)} inputs {names}. Save a .npz "
+                f"with one array per input, keyed by input name: np.savez(path, **{{name: array}})."
+            )
+        return arrays[""]
+    keys = list(arrays)
+    if set(keys) == set(names):
+        return {n: arrays[n] for n in names}
+    positional = [f"arr_{i}" for i in range(len(names))]
+    if keys == positional:
+        return [arrays[k] for k in positional] if len(names) > 1 else arrays[keys[0]]
+    if len(keys) == 1 and len(names) == 1:
+        return arrays[keys[0]]
+    raise DataError(
+        f"{path!r} holds arrays {keys}, which do not match the model's inputs {names}. Key the arrays by "
+        f"input name, or save them in input order with np.savez(path, *arrays). Received keys: {keys}"
+    )
+
+
+def read_labels(path: str) -> dict[str, Any]:
+    """A .npy file is one label named "label"; a .npz file holds one label per key."""
+    arrays = _read_arrays(path, "labels")
+    return {"label": arrays[""]} if list(arrays) == [""] else arrays
+
+
+def read_vocab(path: str | None) -> dict[int, str] | None:
+    """A JSON list/object of words, or a text file with one word per line (line number = id)."""
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise DataError(f"The vocabulary file {path!r} does not exist. Check the path. Received: {path!r}")
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if path.endswith(".json"):
+        try:
+            words = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"The vocabulary file {path!r} is not valid JSON ({exc}).") from None
+        if isinstance(words, list):
+            return {i: str(w) for i, w in enumerate(words)}
+        if isinstance(words, dict):
+            try:
+                return {int(k): str(v) for k, v in words.items()}
+            except ValueError:
+                return {int(v): str(k) for k, v in words.items()}
+        raise DataError(f"The vocabulary file {path!r} must hold a JSON list or object of words.")
+    return {i: w for i, w in enumerate(text.splitlines())}
+
+
+# --------------------------------------------------------------------------------------------
+# Commands.
+# --------------------------------------------------------------------------------------------
+
+
+def _site_config(layer) -> dict[str, Any]:
+    keys = ("units", "return_sequences", "return_state", "go_backwards", "stateful", "activation",
+            "recurrent_activation", "use_bias", "dropout", "recurrent_dropout", "unroll")
+    config = layer.get_config()
+    return {k: config[k] for k in keys if k in config}
+
+
+def _other_recurrent_layers(model, seen: set[int] | None = None, prefix: str = "") -> list[tuple[str, str]]:
+    """Recurrent layers the rewrite leaves alone (GRU, SimpleRNN, ...): reported, not exposed."""
+    seen = set() if seen is None else seen
+    found = []
+    for layer in getattr(model, "layers", []):
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        classes = [k.__name__ for k in type(layer).__mro__]
+        name = f"{prefix}{layer.name}"
+        inner = getattr(layer, "layer", None) or getattr(layer, "forward_layer", None)
+        inner_classes = [k.__name__ for k in type(inner).__mro__] if inner is not None else []
+        if hasattr(layer, "layers"):
+            found += _other_recurrent_layers(layer, seen, name + ".")
+        elif ("RNN" in classes or "RNN" in inner_classes) and "LSTM" not in classes and "LSTM" not in inner_classes:
+            label = type(layer).__name__ + (f"({type(inner).__name__})" if inner is not None else "")
+            found.append((name, label))
+    return found
+
+
+def cmd_inspect(args) -> int:
+    from . import expose_cell_states
+    from .capture import _input_specs
+    from .loading import inspect_model_file
+    from .rewrite import plan_rewrite
+
+    info = inspect_model_file(args.model)
+    model = _load(args.model, args.unsafe)
+    states = _split(args.states) or ["c"]
+    sites = plan_rewrite(model, layers=_split(args.layers))
+    # A dry run: build the traced model (no verification) only to read the names it would add.
+    traced = expose_cell_states(model, states=states, layers=_split(args.layers), verify=False, expose_masks=True)
+    record = traced.rewrite_record
+    result = {
+        "file": {"path": info.path, "format": info.format, "flavour": info.flavour,
+                 "keras_version": info.keras_version, "evidence": info.evidence},
+        "model": {"name": model.name, "class": type(model).__name__,
+                  "inputs": [{"name": s.name, "shape": [None, *s.shape], "dtype": str(s.dtype)}
+                             for s in _input_specs(model)],
+                  "outputs": list(record.original_output_names)},
+        "recurrent_layers": [
+            {"site": s.site, "layer": s.layer.name, "class": type(s.layer).__name__, "kind": s.kind,
+             "selected": bool(s.selected),
+             "config": _site_config(s.layer.forward_layer if s.kind == "bidirectional" else s.layer)}
+            for s in sites
+        ],
+        "not_rewritten": [{"layer": n, "class": c} for n, c in _other_recurrent_layers(model)],
+        "states": list(states),
+        "added_outputs": [e.name for e in record.exposed],
+        "mask_outputs": dict(record.masks),
+    }
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return EXIT_OK
+    f = result["file"]
+    print(f"{f['path']}: {f['format']} file written by {f['flavour']} {f['keras_version'] or '(version not recorded)'}")
+    m = result["model"]
+    print(f"model {m['name']!r} ({m['class']}); inputs: "
+          + ", ".join(f"{i['name']} {tuple(i['shape'])} {i['dtype']}" for i in m["inputs"]))
+    print(f"outputs: {', '.join(m['outputs'])}")
+    print("LSTM calls (site: layer, class):")
+    for site in result["recurrent_layers"]:
+        flag = "" if site["selected"] else "  [not selected]"
+        settings = ", ".join(f"{k}={v}" for k, v in site["config"].items())
+        print(f"  {site['site']}: {site['layer']} ({site['class']}){flag}\n      {settings}")
+    for other in result["not_rewritten"]:
+        print(f"  {other['layer']} ({other['class']}): left as it is (only LSTM states are exposed)")
+    print(f"the rewrite adds (states {','.join(states)}): {', '.join(result['added_outputs'])}")
+    if result["mask_outputs"]:
+        print(f"expose --masks also adds: {', '.join(result['mask_outputs'].values())}")
+    return EXIT_OK
+
+
+def _temporary_sibling(path: str) -> str:
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    base, suffix = os.path.splitext(os.path.basename(path))
+    handle, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".partial{suffix}", dir=directory)
+    os.close(handle)
+    os.remove(tmp)  # Keras writes the file itself
+    return tmp
+
+
+def cmd_expose(args) -> int:
+    import numpy as np
+
+    from . import expose_cell_states
+    from .loading import load_model
+    from .verify import synthesize_inputs, verify
+
+    out = args.output
+    suffix = os.path.splitext(out)[1].lower()
+    if suffix not in (".keras", ".h5"):
+        raise InvalidArgumentError(
+            f"The output file must end in .keras or .h5 (the format is chosen by the name). Received: -o {out!r}"
+        )
+    directory = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(directory):
+        raise InvalidArgumentError(f"The directory of {out!r} does not exist. Create it first. Received: -o {out!r}")
+    model = _load(args.model, args.unsafe)
+    traced = expose_cell_states(model, states=_split(args.states) or ["c"], layers=_split(args.layers),
+                                expose_masks=args.masks)
+    tmp = _temporary_sibling(out)
+    try:
+        traced.save(tmp)
+        # Verify the file, not only the model in memory: reload it, compare the original outputs
+        # with the original model and the state outputs with the traced model.
+        try:
+            reloaded = load_model(tmp, safe=not args.unsafe)
+        except ModelFileError as error:
+            advice = " Write it as .keras instead." if suffix == ".h5" else ""
+            raise ModelFileError(
+                f"The traced model was saved as {suffix} but cannot be read back, so {out!r} was not written: "
+                f"{_one_line(error).replace(repr(tmp), 'the file')}.{advice}"
+            ) from None
+        report = verify(model, reloaded)
+        inputs = synthesize_inputs(model)
+        expected, got = traced(inputs, training=False), reloaded(inputs, training=False)
+        expected = expected if isinstance(expected, (list, tuple)) else [expected]
+        got = got if isinstance(got, (list, tuple)) else [got]
+        worst = max((float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(expected, got)),
+                    default=0.0)
+        if not report.ok or len(expected) != len(got) or worst > 1e-5:
+            raise VerificationError(
+                f"The saved traced model {out!r} does not reproduce the traced model after reloading "
+                f"(original outputs ok: {report.ok}; largest difference over all outputs {worst:.3g}). "
+                f"Try the other format (.keras / .h5).", report)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    record = traced.rewrite_record
+    print(f"wrote {out}: outputs {', '.join(traced.output_names)}")
+    print(f"verified after reloading: {len(report.outputs)} original output(s) unchanged, "
+          f"{len(record.exposed)} state output(s) identical")
+    return EXIT_OK
+
+
+def cmd_states(args) -> int:
+    import numpy as np
+
+    from .capture import cell_states
+    from .lstmvis import export_lstmvis
+
+    out = args.output
+    model = _load(args.model, args.unsafe)
+    names = _input_names(model)
+    data = read_data(args.data, names)
+    vocab = read_vocab(args.vocab)
+    tokens = None
+    if args.lstmvis:
+        tokens = data if not isinstance(data, (dict, list)) else None
+        if tokens is None or np.asarray(tokens).ndim != 2 or np.asarray(tokens).dtype.kind not in "iu":
+            raise DataError(
+                f"--lstmvis needs token ids: a model with one integer input of shape (sequences, time). "
+                f"The model's inputs are {names}; write the states without --lstmvis."
+            )
+    written = []
+    try:
+        with cell_states(model, data, states=_split(args.states) or ["c"], layers=_split(args.layers),
+                         batch_size=args.batch_size, out=out, progress=not args.quiet) as cs:
+            written.append(out)
+            shapes = ", ".join(f"{n} {tuple(cs[n].shape)}" for n in cs)
+            if args.lstmvis:
+                if vocab is None:
+                    used = np.unique(np.asarray(tokens))
+                    vocab = {int(i): str(int(i)) for i in used}
+                if not os.path.exists(args.lstmvis):
+                    written.append(args.lstmvis)  # export_lstmvis cleans up in a directory it did not make
+                config = export_lstmvis(cs, args.lstmvis, tokens=np.asarray(tokens), vocab=vocab,
+                                        name=model.name)
+    except BaseException:
+        _remove(written)
+        raise
+    print(f"wrote {out}: {shapes}")
+    if args.lstmvis:
+        print(f"wrote LSTMVis project {config}")
+    return EXIT_OK
+
+
+def _remove(paths: Sequence[str]) -> None:
+    import shutil
+
+    for path in paths:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def _note_synthesized(out_dir: str, note: str) -> None:
+    """Record in report.json and report.html that the audited inputs were synthesized."""
+    import html
+
+    json_path = os.path.join(out_dir, "report.json")
+    with open(json_path, encoding="utf-8") as handle:
+        content = json.load(handle)
+    content["data_source"] = note
+    with open(json_path, "w", encoding="utf-8") as handle:
+        json.dump(content, handle, indent=1, allow_nan=False)
+        handle.write("\n")
+    html_path = os.path.join(out_dir, "report.html")
+    with open(html_path, encoding="utf-8") as handle:
+        page = handle.read()
+    marker = "</h1>"
+    banner = f"<p><strong>Note:</strong> {html.escape(note)}</p>"
+    page = page.replace(marker, marker + banner, 1) if marker in page else banner + page
+    with open(html_path, "w", encoding="utf-8") as handle:
+        handle.write(page)
+
+
+def cmd_audit(args) -> int:
+    from .audit import audit
+
+    labels = read_labels(args.labels) if args.labels else None
+    note = None
+    if args.model is None:
+        from .demo import demo_data, demo_model_path
+
+        if args.data:
+            raise InvalidArgumentError("--data needs a MODEL: without one the bundled demo model and data are used.")
+        model = _load(str(demo_model_path()), False)
+        data, depth, _ = demo_data()
+        labels = labels if labels is not None else {"depth": depth}
+        source = "the bundled demo model (brackets) and its sequences, labelled with the nesting depth"
+    else:
+        model = _load(args.model, args.unsafe)
+        if args.data:
+            data = read_data(args.data, _input_names(model))
+            source = f"{args.model} on {args.data}"
+        else:
+            from .verify import synthesize_inputs
+
+            data = synthesize_inputs(model, batch_size=args.synthesize, time_steps=args.time_steps)
+            note = (f"no --data given: the {args.synthesize} input sequences were synthesized from the model's "
+                    f"input specs (random values, {args.time_steps} steps where the length is open), so the "
+                    f"statistics describe the model on noise, not on real data.")
+            source = f"{args.model} on synthesized inputs"
+            if labels is not None:
+                raise InvalidArgumentError("--labels needs --data: labels must describe the audited sequences.")
+    report = audit(model, data, labels=labels, batch_size=args.batch_size, progress=not args.quiet)
+    out_dir = args.out
+    existed = os.path.isdir(out_dir)
+    try:
+        page = report.to_html(out_dir)
+        if note:
+            _note_synthesized(out_dir, note)
+    except BaseException:
+        if not existed:
+            _remove([out_dir])
+        raise
+    print(f"Audit of {source}.")
+    if note:
+        print(f"Note: {note}")
+    print(report.summary())
+    print(f"Report: {page} (and report.json, figures in {out_dir})")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# Parser and entry point.
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lstm-rewrite`` argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="lstm-rewrite",
+        description="Expose, capture and audit the cell states of the LSTMs in a trained Keras model "
+                    "(.keras or .h5, Keras 3 or tf-keras).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def common(p, model_optional=False):
+        if model_optional:
+            p.add_argument("model", nargs="?", metavar="MODEL",
+                           help="model file (.keras or .h5); default: the bundled demo model")
+        else:
+            p.add_argument("model", metavar="MODEL", help="model file (.keras or .h5)")
+        p.add_argument("--unsafe", action="store_true",
+                       help="load models whose Lambda layers carry Python code (runs that code: trusted files only)")
+
+    def selection(p):
+        p.add_argument("--states", metavar="LIST", help="quantities to expose: c,h,i,f,g,o or gates (default: c)")
+        p.add_argument("--layers", metavar="LIST", help="comma-separated LSTM layer names (default: all)")
+
+    p = sub.add_parser("inspect", help="list the LSTM calls and the outputs the rewrite would add")
+    common(p)
+    selection(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("expose", help="write the traced model (verified after reloading)")
+    common(p)
+    selection(p)
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output model file (.keras or .h5)")
+    p.add_argument("--masks", action="store_true", help="also output each layer's mask (<layer>.mask)")
+    p.set_defaults(run=cmd_expose)
+
+    p = sub.add_parser("states", help="capture states over a data set into an HDF5 file")
+    common(p)
+    selection(p)
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help=".npy (one input) or .npz (keys = input names, or np.savez order)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="states file to write (HDF5)")
+    p.add_argument("--lstmvis", metavar="DIR", help="also write an LSTMVis project directory")
+    p.add_argument("--vocab", metavar="FILE", help="words for --lstmvis: JSON list/object or one word per line")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_states)
+
+    p = sub.add_parser("audit", help="audit every LSTM unit and write an HTML/JSON report")
+    common(p, model_optional=True)
+    p.add_argument("--data", metavar="FILE", help=".npy or .npz; default: synthesized inputs (noted in the report)")
+    p.add_argument("--labels", metavar="FILE", help=".npy (one label) or .npz (one label per key), shaped (sequences, time)")
+    p.add_argument("--out", default="lstm_audit", metavar="DIR", help="report directory (default: lstm_audit)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--synthesize", type=int, default=64, metavar="N", help="sequences to synthesize without --data")
+    p.add_argument("--time-steps", type=int, default=20, metavar="T", help="length of synthesized sequences")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_audit)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``lstm-rewrite`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status.
+
+    Example:
+        >>> main(["inspect", "model.keras"])  # doctest: +SKIP
+        0
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error (2, already printed)
+        return int(stop.code or 0)
+    try:
+        return args.run(args)
+    except LstmRewriteError as error:
+        print(f"lstm-rewrite {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as error:  # disk full, permission denied: the environment, not a bug
+        print(f"lstm-rewrite {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"lstm-rewrite {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
