@@ -1,46 +1,95 @@
-"""Cells and traced layers: the LSTM step that also emits c (h, gates), and the layers that run it.
+"""Cells and traced layers: the recurrent steps that also emit their states (and gates), and the layers that run them.
 
 The classes are written once and defined per Keras flavour by `define_traced_layers`, which each
 backend calls with its own ``keras`` module and op set. The backends register them as
 serializable, so a traced model saves and loads like any other.
 
-Layout of a traced step: Keras 3's ``RNN`` needs an integer ``cell.output_size``, so the cell
-returns one tensor, ``concat([h, *extras])`` along the last axis, that the traced layer splits.
+Layout of a traced step: Keras 3's ``RNN`` needs an integer ``cell.output_size``, so a traced cell
+returns one flat tensor, ``concat([output, *extras])`` along the last axis, that `TracedRNN`
+slices (and, for convolutional cells, reshapes) afterwards. The cell's own recurrence, its state
+list, is left exactly as the Keras cell keeps it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import math
+
 # Per-step quantities an LSTM can expose, in output order (c first: it is why the library exists).
 LSTM_QUANTITIES = ("c", "h", "i", "f", "g", "o")
 GATES = ("i", "f", "g", "o")
+# GRU: the state h, the update gate z, the reset gate r and the candidate n.
+GRU_QUANTITIES = ("h", "z", "r", "n")
+GRU_GATES = ("z", "r", "n")
+ALL_GATES = GATES + GRU_GATES
+# Every named quantity, in the order a layer exposes them; a custom cell's states ("state0", ...)
+# come after these.
+QUANTITY_ORDER = ("c", "h") + ALL_GATES
+STATE_PREFIX = "state"
 # The quantities that are recurrent states, with their index in the cell's state list. On masked
 # steps they hold the carried state, which before the first valid step is the initial state.
 LSTM_STATE_INDEX = {"h": 0, "c": 1}
+GRU_STATE_INDEX = {"h": 0}
 
 MERGE_MODES = ("concat", "sum", "ave", "mul", None)
 
 
-def define_traced_layers(keras, ops, dropout_masks, name_scope):
-    """Define TracedLSTMCell, TracedRNN and TracedBidirectional for one Keras flavour.
+@dataclasses.dataclass(frozen=True)
+class CellFamily:
+    """What one kind of recurrent cell can expose.
+
+    Attributes:
+        name: "lstm", "gru", "simple_rnn", "conv_lstm" or "generic".
+        quantities: every quantity it can expose, in output order.
+        gates: the quantities that ``"gates"`` means for it.
+        recurrent: what it exposes for a requested ``"c"`` or ``"h"`` it does not have (its
+            recurrent state: h for GRU and SimpleRNN, every state for a custom cell).
+        state_index: quantity -> position in the cell's (flattened) state list.
+    """
+
+    name: str
+    quantities: tuple
+    gates: tuple
+    recurrent: tuple
+    state_index: dict
+
+
+LSTM_FAMILY = CellFamily("lstm", LSTM_QUANTITIES, GATES, ("c",), LSTM_STATE_INDEX)
+CONV_LSTM_FAMILY = CellFamily("conv_lstm", LSTM_QUANTITIES, GATES, ("c",), LSTM_STATE_INDEX)
+GRU_FAMILY = CellFamily("gru", GRU_QUANTITIES, GRU_GATES, ("h",), GRU_STATE_INDEX)
+SIMPLE_RNN_FAMILY = CellFamily("simple_rnn", ("h",), (), ("h",), GRU_STATE_INDEX)
+
+
+def generic_family(num_states: int) -> CellFamily:
+    """The family of a custom cell with ``num_states`` (flattened) states: state0, state1, ..."""
+    names = tuple(f"{STATE_PREFIX}{k}" for k in range(num_states))
+    return CellFamily("generic", names, (), names, {name: k for k, name in enumerate(names)})
+
+
+def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_cell):
+    """Define the traced cells, TracedRNN and TracedBidirectional for one Keras flavour.
 
     Args:
         keras: the ``keras`` (Keras 3) or ``tf_keras`` module.
         ops: an op namespace with the names of ``keras.ops`` used below (the tf-keras backend
             passes a thin shim over TensorFlow).
         dropout_masks: ``f(cell, inputs, h_tm1, training) -> (inputs, h_tm1)`` applying the
-            cell's (recurrent) dropout the way that flavour's LSTMCell does during training.
+            cell's (recurrent) dropout the way that flavour's cells do during training.
         name_scope: that flavour's name-scope context manager (tf-keras names weights by scope,
             and ``.h5`` files need the forward and backward weights apart).
+        tree: ``flatten`` and ``pack_sequence_as`` for nested state lists (``keras.tree``, ``tf.nest``).
+        conv_lstm_cell: that flavour's ``ConvLSTMCell`` class (not public in either flavour).
 
     Returns:
-        A dict of the three classes, keyed by class name.
+        A dict of the classes, keyed by class name.
     """
     layers = keras.layers
 
     class TracedLSTMCell(layers.LSTMCell):
         """The Keras LSTM step, emitting ``concat([h, *extras])`` as its output.
 
-        ``extras`` names, in order, the quantities appended after h: any of c, i, f, g, o.
+        ``extras`` names, in order, the quantities appended after h: any of c, h, i, f, g, o.
         The state list is the LSTM's own ``[h, c]``, so the recurrence is unchanged.
         """
 
@@ -49,6 +98,7 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope):
             self.extras = tuple(extras)
             # LSTMCell assigns output_size in __init__; widen it to hold h and every extra.
             self.output_size = self.units * (1 + len(self.extras))
+            self.step_output_size = self.units
 
         def call(self, inputs, states, training=False):
             h_tm1, c_tm1 = states[0], states[1]
@@ -63,12 +113,250 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope):
             o = self.recurrent_activation(z_o)
             c = f * c_tm1 + i * g
             h = o * self.activation(c)
-            emitted = {"c": c, "i": i, "f": f, "g": g, "o": o}
+            emitted = {"c": c, "h": h, "i": i, "f": f, "g": g, "o": o}
             output = ops.concatenate([h] + [emitted[q] for q in self.extras], axis=-1)
             return output, [h, c]
 
         def get_config(self):
             return {**super().get_config(), "extras": list(self.extras)}
+
+    class TracedGRUCell(layers.GRUCell):
+        """The Keras GRU step (both ``reset_after`` variants), emitting ``concat([h, *extras])``.
+
+        ``extras``: any of h, z (update gate), r (reset gate), n (candidate). The state list is
+        the GRU's own ``[h]``.
+        """
+
+        def __init__(self, units, extras=(), **kwargs):
+            super().__init__(units, **kwargs)
+            self.extras = tuple(extras)
+            self.output_size = self.units * (1 + len(self.extras))
+            self.step_output_size = self.units
+
+        def call(self, inputs, states, training=False):
+            h_tm1 = states[0] if isinstance(states, (list, tuple)) else states
+            inputs, h_in = dropout_masks(self, inputs, h_tm1, training)
+            units = self.units
+            input_bias = recurrent_bias = None
+            if self.use_bias:
+                if self.reset_after:
+                    # Bias [2, 3 * units]: the input part, then the recurrent part.
+                    input_bias, recurrent_bias = ops.unstack(self.bias, axis=0)
+                else:
+                    input_bias = self.bias
+            x = ops.matmul(inputs, self.kernel)
+            if input_bias is not None:
+                x = x + input_bias
+            x_z, x_r, x_n = ops.split(x, 3, axis=-1)  # [batch, units] each
+            if self.reset_after:
+                inner = ops.matmul(h_in, self.recurrent_kernel)
+                if recurrent_bias is not None:
+                    inner = inner + recurrent_bias
+                h_z, h_r, h_n = ops.split(inner, 3, axis=-1)
+                z = self.recurrent_activation(x_z + h_z)
+                r = self.recurrent_activation(x_r + h_r)
+                n = self.activation(x_n + r * h_n)
+            else:
+                h_z, h_r = ops.split(ops.matmul(h_in, self.recurrent_kernel[:, : 2 * units]), 2, axis=-1)
+                z = self.recurrent_activation(x_z + h_z)
+                r = self.recurrent_activation(x_r + h_r)
+                n = self.activation(x_n + ops.matmul(r * h_in, self.recurrent_kernel[:, 2 * units:]))
+            h = z * h_tm1 + (1 - z) * n
+            emitted = {"h": h, "z": z, "r": r, "n": n}
+            output = ops.concatenate([h] + [emitted[q] for q in self.extras], axis=-1)
+            return output, ([h] if isinstance(states, (list, tuple)) else h)
+
+        def get_config(self):
+            return {**super().get_config(), "extras": list(self.extras)}
+
+    class TracedSimpleRNNCell(layers.SimpleRNNCell):
+        """The Keras SimpleRNN step, unchanged: its output is its state h, the only quantity it has.
+
+        ``extras`` may hold "h" (a stacked cell emits its h after the stack's output).
+        """
+
+        def __init__(self, units, extras=(), **kwargs):
+            super().__init__(units, **kwargs)
+            self.extras = tuple(extras)
+            self.output_size = self.units * (1 + len(self.extras))
+            self.step_output_size = self.units
+
+        def call(self, inputs, states, training=False):
+            output, new_states = super().call(inputs, states, training=training)
+            if self.extras:
+                output = ops.concatenate([output] * (1 + len(self.extras)), axis=-1)
+            return output, new_states
+
+        def get_config(self):
+            return {**super().get_config(), "extras": list(self.extras)}
+
+    class TracedConvLSTMCell(conv_lstm_cell):
+        """The Keras ConvLSTM step over flat states, emitting ``concat([flat(h), *flat(extras)])``.
+
+        ``state_shape`` is one state's shape without the batch axis (``(*spatial, filters)``, or
+        ``(filters, *spatial)`` for channels_first). The states travel flattened to
+        ``[batch, prod(state_shape)]`` so that the generic ``RNN`` of both flavours can run the
+        cell; `TracedRNN` flattens initial states and reshapes every sequence back.
+        """
+
+        def __init__(self, rank, filters, kernel_size, extras=(), state_shape=(), **kwargs):
+            super().__init__(rank, filters, kernel_size, **kwargs)
+            self.extras = tuple(extras)
+            self.state_shape = tuple(int(d) for d in state_shape)
+            self.state_width = math.prod(self.state_shape)
+            self.state_size = [self.state_width, self.state_width]
+            self.output_size = self.state_width * (1 + len(self.extras))
+            self.step_output_size = self.state_width
+
+        def get_initial_state(self, inputs=None, batch_size=None, dtype=None):
+            dtype = dtype or self.compute_dtype
+            return [ops.zeros((batch_size, self.state_width), dtype=dtype) for _ in range(2)]
+
+        def call(self, inputs, states, training=False):
+            shape = (-1,) + self.state_shape
+            h_tm1 = ops.reshape(states[0], shape)
+            c_tm1 = ops.reshape(states[1], shape)
+            inputs, h_in = dropout_masks(self, inputs, h_tm1, training)
+            kernels = ops.split(self.kernel, 4, axis=self.rank + 1)
+            recurrent_kernels = ops.split(self.recurrent_kernel, 4, axis=self.rank + 1)
+            biases = ops.split(self.bias, 4) if self.use_bias else [None] * 4
+            z_i, z_f, z_g, z_o = (
+                self.input_conv(inputs, k, b, padding=self.padding) + self.recurrent_conv(h_in, rk)
+                for k, rk, b in zip(kernels, recurrent_kernels, biases)
+            )  # [batch, *state_shape] each
+            i = self.recurrent_activation(z_i)
+            f = self.recurrent_activation(z_f)
+            g = self.activation(z_g)
+            o = self.recurrent_activation(z_o)
+            c = f * c_tm1 + i * g
+            h = o * self.activation(c)
+            emitted = {"c": c, "h": h, "i": i, "f": f, "g": g, "o": o}
+            flat = [ops.reshape(t, (-1, self.state_width)) for t in [h] + [emitted[q] for q in self.extras]]
+            return ops.concatenate(flat, axis=-1), [flat[0], ops.reshape(c, (-1, self.state_width))]
+
+        def get_config(self):
+            return {**super().get_config(), "rank": self.rank, "extras": list(self.extras),
+                    "state_shape": list(self.state_shape)}
+
+    class TracedCell(layers.Layer):
+        """Any cell following the Keras RNN cell API, run as it is, also emitting its new states.
+
+        Wraps ``cell`` (a copy of the user's cell) and returns ``concat([output, *states])`` with
+        the states flattened in order; the state list passes through untouched. Works for cells
+        whose output and states are flat ``[batch, n]`` tensors.
+        """
+
+        def __init__(self, cell, **kwargs):
+            super().__init__(**kwargs)
+            self.cell = cell
+            self.state_size = cell.state_size
+            self.state_widths = [int(s) for s in tree.flatten(cell.state_size)]
+            output_size = getattr(cell, "output_size", None)
+            self.step_output_size = int(output_size if isinstance(output_size, int) else self.state_widths[0])
+            self.output_size = self.step_output_size + sum(self.state_widths)
+            self.extras = tuple(f"{STATE_PREFIX}{k}" for k in range(len(self.state_widths)))
+            self._cell_takes_training = "training" in inspect.signature(cell.call).parameters
+
+        def build(self, input_shape):
+            if not self.cell.built:
+                with name_scope(self.cell.name):
+                    self.cell.build(input_shape)
+            self.built = True
+
+        def get_initial_state(self, inputs=None, batch_size=None, dtype=None):
+            own = getattr(self.cell, "get_initial_state", None)
+            if own is not None:
+                try:
+                    return own(batch_size=batch_size)
+                except TypeError:
+                    return own(inputs=inputs, batch_size=batch_size, dtype=dtype)
+            dtype = dtype or self.compute_dtype
+            return [ops.zeros((batch_size, width), dtype=dtype) for width in self.state_widths]
+
+        def call(self, inputs, states, training=None):
+            kwargs = {"training": training} if self._cell_takes_training else {}
+            output, new_states = self.cell(inputs, states, **kwargs)
+            emitted = [output] + [ops.cast(s, output.dtype) for s in tree.flatten(new_states)]
+            return ops.concatenate(emitted, axis=-1), new_states
+
+        def get_config(self):
+            return {**super().get_config(), "cell": layers.serialize(self.cell)}
+
+        @classmethod
+        def from_config(cls, config, custom_objects=None):
+            config = dict(config)
+            config["cell"] = layers.deserialize(config["cell"], custom_objects=custom_objects)
+            return cls(**config)
+
+    class TracedStackedCells(layers.Layer):
+        """The step of ``StackedRNNCells`` over traced cells: each cell feeds only its own output on.
+
+        Output: ``concat([last cell's output, *cell0 extras, *cell1 extras, ...])``. The state
+        list is the stack's own, passed back in the structure the RNN handed in. (Not a
+        ``StackedRNNCells`` subclass: Keras 3's RNN runs those cells itself to set up dropout,
+        feeding each cell's whole output to the next.)
+        """
+
+        def __init__(self, cells, **kwargs):
+            super().__init__(**kwargs)
+            self.cells = list(cells)
+
+        @property
+        def state_size(self):
+            return [cell.state_size for cell in self.cells]
+
+        @property
+        def output_size(self):
+            return self.step_output_size + sum(c.output_size - c.step_output_size for c in self.cells)
+
+        @property
+        def step_output_size(self):
+            return self.cells[-1].step_output_size
+
+        def build(self, input_shape):
+            batch = tuple(input_shape)[0]
+            for cell in self.cells:
+                if not cell.built:
+                    with name_scope(cell.name):
+                        cell.build(input_shape)
+                        cell.built = True
+                input_shape = (batch, cell.step_output_size)
+            self.built = True
+
+        def get_initial_state(self, inputs=None, batch_size=None, dtype=None):
+            states = []
+            for cell in self.cells:
+                own = getattr(cell, "get_initial_state", None)
+                if "dtype" in inspect.signature(own).parameters:
+                    cell_states = own(inputs=None, batch_size=batch_size, dtype=dtype or cell.compute_dtype)
+                else:
+                    cell_states = own(batch_size=batch_size)
+                states.append(list(tree.flatten(cell_states)))
+            return states
+
+        def call(self, inputs, states, training=None):
+            flat = tree.flatten(states)
+            new_states, extras, position = [], [], 0
+            for cell in self.cells:
+                count = len(tree.flatten(cell.state_size))
+                cell_states = list(flat[position:position + count])
+                position += count
+                output, cell_new = cell(inputs, cell_states, training=training)
+                inputs = output[..., : cell.step_output_size]
+                extras.append(output[..., cell.step_output_size:])
+                new_states += tree.flatten(cell_new)
+            output = ops.concatenate([inputs] + extras, axis=-1)
+            return output, tree.pack_sequence_as(states, new_states)
+
+        def get_config(self):
+            return {**super().get_config(), "cells": [layers.serialize(cell) for cell in self.cells]}
+
+        @classmethod
+        def from_config(cls, config, custom_objects=None):
+            config = dict(config)
+            known = {**TRACED_CELLS, **(custom_objects or {})}
+            config["cells"] = [layers.deserialize(c, custom_objects=known) for c in config["cells"]]
+            return cls(**config)
 
     class TracedRNN(layers.Layer):
         """A recurrent layer call rewritten to also return its per-step states.
@@ -83,6 +371,18 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope):
 
         Exposed sequences are ``[batch, time, ...]`` in the layer's processing order (the order of
         its own ``return_sequences`` output, so reversed input time for ``go_backwards``).
+
+        Args:
+            rnn: the inner ``RNN``.
+            extras: names of the parts after the output, in order.
+            exposed: the names to return, each in ``extras`` or equal to ``output_alias``.
+            state_index: name -> position in the flat initial-state list, for the names that are
+                recurrent states (they are carried on masked steps).
+            output_alias: the name the output part stands for ("h"), or None.
+            part_sizes: widths of ``[output, *extras]``; None for equal widths.
+            part_shapes: per part, its per-step shape to reshape to (None: keep it flat).
+            state_shapes: per flat state, its per-step shape when the inner RNN keeps it flat.
+            state_count: how many final states the layer returns with ``return_state``.
         """
 
         def __init__(
@@ -95,6 +395,11 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope):
             return_state=False,
             zero_output_for_mask=False,
             expose_mask=False,
+            output_alias="h",
+            part_sizes=None,
+            part_shapes=None,
+            state_shapes=None,
+            state_count=None,
             **kwargs,
         ):
             super().__init__(**kwargs)
@@ -106,6 +411,12 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope):
             self.return_state = return_state
             self.zero_output_for_mask = zero_output_for_mask
             self.expose_mask = expose_mask
+            self.output_alias = output_alias
+            self.part_sizes = None if part_sizes is None else [int(s) for s in part_sizes]
+            self.part_shapes = None if part_shapes is None else [
+                None if s is None else tuple(int(d) for d in s) for s in part_shapes]
+            self.state_shapes = None if state_shapes is None else [tuple(int(d) for d in s) for s in state_shapes]
+            self.state_count = state_count
             self.supports_masking = True
 
         def build(self, input_shape):
@@ -121,14 +432,40 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope):
 
         @property
         def num_states(self):
+            if self.state_count is not None:
+                return self.state_count
             return len(self.state_index) if self.state_index else 2
+
+        def _parts(self, sequence):
+            """Slice ``[batch, time, width]`` into ``[output, *extras]``, reshaped per step."""
+            count = 1 + len(self.extras)
+            sizes = self.part_sizes or [int(sequence.shape[-1]) // count] * count
+            parts, start = [], 0
+            lead = None
+            for k, size in enumerate(sizes):
+                part = sequence[..., start:start + size]
+                start += size
+                shape = self.part_shapes[k] if self.part_shapes else None
+                if shape is not None:
+                    if lead is None:
+                        lead = tuple(ops.shape(sequence)[:2])
+                    part = ops.reshape(part, lead + shape)  # [batch, time, *shape]
+                parts.append(part)
+            return parts
+
+        def _flat_states(self, states):
+            if states is None or not self.state_shapes:
+                return states
+            return [ops.reshape(s, (-1, math.prod(shape))) for s, shape in zip(states, self.state_shapes)]
 
         def call(self, inputs, initial_state=None, mask=None, training=None):
             mask = _first_mask(mask)
-            results = self.rnn(inputs, initial_state=initial_state, mask=mask, training=training)
-            sequence, final_states = results[0], list(results[1:])
-            parts = ops.split(sequence, 1 + len(self.extras), axis=-1)
-            output = parts[0]  # [batch, time, units]
+            results = self.rnn(inputs, initial_state=self._flat_states(initial_state), mask=mask, training=training)
+            sequence, final_states = results[0], list(tree.flatten(list(results[1:])))
+            if self.state_shapes:
+                final_states = [ops.reshape(s, (-1,) + shape) for s, shape in zip(final_states, self.state_shapes)]
+            parts = self._parts(sequence)
+            output = parts[0]  # [batch, time, ...]
             step_mask = None
             if mask is not None:
                 step_mask = ops.cast(mask, "bool")  # [batch, time], input order
@@ -142,7 +479,10 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope):
             if self.return_state:
                 outputs += final_states
             for quantity in self.exposed:
-                sequence_q = parts[0] if quantity == "h" else parts[1 + self.extras.index(quantity)]
+                if quantity in self.extras:
+                    sequence_q = parts[1 + self.extras.index(quantity)]
+                else:
+                    sequence_q = parts[0]  # the output_alias
                 if step_mask is not None and quantity in self.state_index:
                     sequence_q = _carry_initial_state(
                         sequence_q, step_mask, initial_state, self.state_index[quantity]
@@ -150,7 +490,7 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope):
                 outputs.append(sequence_q)
             if self.expose_mask:
                 if step_mask is None:
-                    step_mask = ops.ones_like(parts[0][..., 0])
+                    step_mask = ops.ones_like(sequence[..., 0])
                 outputs.append(ops.cast(step_mask, "float32"))
             return outputs
 
@@ -164,7 +504,7 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope):
             self.rnn.reset_states()
 
         def get_config(self):
-            return {
+            config = {
                 **super().get_config(),
                 "rnn": layers.serialize(self.rnn),
                 "extras": list(self.extras),
@@ -174,13 +514,22 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope):
                 "return_state": self.return_state,
                 "zero_output_for_mask": self.zero_output_for_mask,
                 "expose_mask": self.expose_mask,
+                "output_alias": self.output_alias,
+                "state_count": self.state_count,
             }
+            if self.part_sizes is not None:
+                config["part_sizes"] = list(self.part_sizes)
+            if self.part_shapes is not None:
+                config["part_shapes"] = [None if s is None else list(s) for s in self.part_shapes]
+            if self.state_shapes is not None:
+                config["state_shapes"] = [list(s) for s in self.state_shapes]
+            return config
 
         @classmethod
         def from_config(cls, config, custom_objects=None):
             config = dict(config)
-            # Legacy .h5 configs name the cell by its bare class name: resolve it here.
-            known = {"TracedLSTMCell": TracedLSTMCell, **(custom_objects or {})}
+            # Legacy .h5 configs name the cells by their bare class names: resolve them here.
+            known = {**TRACED_CELLS, **(custom_objects or {})}
             config["rnn"] = layers.deserialize(config["rnn"], custom_objects=known)
             return cls(**config)
 
@@ -195,15 +544,17 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope):
         def __init__(self, forward, backward, merge_mode="concat", return_sequences=False,
                      return_state=False, **kwargs):
             super().__init__(**kwargs)
-            self.forward = forward
-            self.backward = backward
+            # Not `self.forward`: on the torch backend a layer is a torch Module, whose forward()
+            # that name would shadow.
+            self.forward_layer = forward
+            self.backward_layer = backward
             self.merge_mode = merge_mode
             self.return_sequences = return_sequences
             self.return_state = return_state
             self.supports_masking = True
 
         def build(self, input_shape):
-            for layer in (self.forward, self.backward):
+            for layer in (self.forward_layer, self.backward_layer):
                 if not layer.built:
                     with name_scope(layer.name):
                         layer.build(input_shape)
@@ -222,9 +573,9 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope):
                 half = len(initial_state) // 2
                 forward_state, backward_state = list(initial_state[:half]), list(initial_state[half:])
             y, forward_finals, forward_extra = self._split_results(
-                self.forward(inputs, initial_state=forward_state, mask=mask, training=training), self.forward)
+                self.forward_layer(inputs, initial_state=forward_state, mask=mask, training=training), self.forward_layer)
             y_rev, backward_finals, backward_extra = self._split_results(
-                self.backward(inputs, initial_state=backward_state, mask=mask, training=training), self.backward)
+                self.backward_layer(inputs, initial_state=backward_state, mask=mask, training=training), self.backward_layer)
             if self.return_sequences:
                 y_rev = ops.flip(y_rev, axis=1)
             if self.merge_mode == "concat":
@@ -245,20 +596,20 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope):
         def compute_mask(self, inputs, mask=None):
             mask = _first_mask(mask)
             merged = 2 if self.merge_mode is None else 1
-            states = (self.forward.num_states + self.backward.num_states) if self.return_state else 0
-            extras = sum(len(l.exposed) + int(l.expose_mask) for l in (self.forward, self.backward))
+            states = (self.forward_layer.num_states + self.backward_layer.num_states) if self.return_state else 0
+            extras = sum(len(l.exposed) + int(l.expose_mask) for l in (self.forward_layer, self.backward_layer))
             output_mask = mask if self.return_sequences else None
             return [output_mask] * merged + [None] * (states + extras)
 
         def reset_states(self):
-            self.forward.reset_states()
-            self.backward.reset_states()
+            self.forward_layer.reset_states()
+            self.backward_layer.reset_states()
 
         def get_config(self):
             return {
                 **super().get_config(),
-                "forward": self.forward.get_config(),
-                "backward": self.backward.get_config(),
+                "forward": self.forward_layer.get_config(),
+                "backward": self.backward_layer.get_config(),
                 "merge_mode": self.merge_mode,
                 "return_sequences": self.return_sequences,
                 "return_state": self.return_state,
@@ -295,8 +646,16 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope):
             start = ops.zeros_like(sequence)
         return ops.where(_expand_like(seen, sequence), sequence, start)
 
-    return {
+    TRACED_CELLS = {
         "TracedLSTMCell": TracedLSTMCell,
+        "TracedGRUCell": TracedGRUCell,
+        "TracedSimpleRNNCell": TracedSimpleRNNCell,
+        "TracedConvLSTMCell": TracedConvLSTMCell,
+        "TracedCell": TracedCell,
+        "TracedStackedCells": TracedStackedCells,
+    }
+    return {
+        **TRACED_CELLS,
         "TracedRNN": TracedRNN,
         "TracedBidirectional": TracedBidirectional,
     }

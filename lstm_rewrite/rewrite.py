@@ -411,8 +411,8 @@ class RewritePass:
         outputs = backend.flatten(backend.call_traced(traced, inputs, initial_state, mask, rest))
         if fresh:
             if kind == "bidirectional":
-                builder.copy_lstm_weights(layer.forward_layer, traced.forward)
-                builder.copy_lstm_weights(layer.backward_layer, traced.backward)
+                builder.copy_lstm_weights(layer.forward_layer, traced.forward_layer)
+                builder.copy_lstm_weights(layer.backward_layer, traced.backward_layer)
             else:
                 builder.copy_lstm_weights(layer, traced)
         original_count = len(data["outputs"])

@@ -204,7 +204,7 @@ def _all_layers(model):
         yield layer
         if hasattr(layer, "layers"):
             yield from _all_layers(layer)
-        for attr in ("forward_layer", "backward_layer", "layer", "rnn", "forward", "backward"):
+        for attr in ("forward_layer", "backward_layer", "layer", "rnn"):
             inner = getattr(layer, attr, None)
             if inner is not None and hasattr(inner, "name") and inner is not layer:
                 yield inner
