@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import keras
 from keras import ops
+from keras.src.layers.rnn.conv_lstm import ConvLSTM, ConvLSTMCell
 
 from ..cells import define_traced_layers
 
 FLAVOUR = "keras3"
 LSTM = keras.layers.LSTM
 LSTMCell = keras.layers.LSTMCell
+GRU = keras.layers.GRU
+GRUCell = keras.layers.GRUCell
+SimpleRNN = keras.layers.SimpleRNN
+SimpleRNNCell = keras.layers.SimpleRNNCell
+StackedRNNCells = keras.layers.StackedRNNCells
 RNN = keras.layers.RNN
 Bidirectional = keras.layers.Bidirectional
 Wrapper = keras.layers.Wrapper
@@ -32,11 +38,16 @@ def _dropout_masks(cell, inputs, h_tm1, training):
     return inputs, h_tm1
 
 
-_traced = define_traced_layers(keras, ops, _dropout_masks, keras.name_scope)
+_traced = define_traced_layers(keras, ops, _dropout_masks, keras.name_scope, keras.tree, ConvLSTMCell)
 for _name, _cls in _traced.items():
     _cls.__name__ = _cls.__qualname__ = _name
     keras.saving.register_keras_serializable(package="lstm_rewrite", name=_name)(_cls)
 TracedLSTMCell = _traced["TracedLSTMCell"]
+TracedGRUCell = _traced["TracedGRUCell"]
+TracedSimpleRNNCell = _traced["TracedSimpleRNNCell"]
+TracedConvLSTMCell = _traced["TracedConvLSTMCell"]
+TracedCell = _traced["TracedCell"]
+TracedStackedCells = _traced["TracedStackedCells"]
 TracedRNN = _traced["TracedRNN"]
 TracedBidirectional = _traced["TracedBidirectional"]
 

@@ -12,12 +12,18 @@ import types
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
+from tf_keras.src.layers.rnn.base_conv_lstm import ConvLSTM, ConvLSTMCell
 
 from ..cells import define_traced_layers
 
 FLAVOUR = "tfkeras"
 LSTM = keras.layers.LSTM
 LSTMCell = keras.layers.LSTMCell
+GRU = keras.layers.GRU
+GRUCell = keras.layers.GRUCell
+SimpleRNN = keras.layers.SimpleRNN
+SimpleRNNCell = keras.layers.SimpleRNNCell
+StackedRNNCells = keras.layers.StackedRNNCells
 RNN = keras.layers.RNN
 Bidirectional = keras.layers.Bidirectional
 Wrapper = keras.layers.Wrapper
@@ -37,7 +43,13 @@ ops = types.SimpleNamespace(
     cumsum=lambda x, axis: tf.cumsum(x, axis=axis),
     zeros_like=tf.zeros_like,
     ones_like=tf.ones_like,
+    zeros=lambda shape, dtype="float32": tf.zeros(shape, dtype=dtype),
+    reshape=tf.reshape,
+    shape=lambda x: tuple(d if d is not None else tf.shape(x)[k] for k, d in enumerate(x.shape)),
+    unstack=lambda x, axis=0: tf.unstack(x, axis=axis),
 )
+# Nested state lists (stacked cells), under keras.tree's names.
+tree = types.SimpleNamespace(flatten=tf.nest.flatten, pack_sequence_as=tf.nest.pack_sequence_as)
 
 
 def _dropout_masks(cell, inputs, h_tm1, training):
@@ -48,11 +60,16 @@ def _dropout_masks(cell, inputs, h_tm1, training):
     return inputs, h_tm1
 
 
-_traced = define_traced_layers(keras, ops, _dropout_masks, tf.name_scope)
+_traced = define_traced_layers(keras, ops, _dropout_masks, tf.name_scope, tree, ConvLSTMCell)
 for _name, _cls in _traced.items():
     _cls.__name__ = _cls.__qualname__ = _name
     keras.saving.register_keras_serializable(package="lstm_rewrite", name=_name)(_cls)
 TracedLSTMCell = _traced["TracedLSTMCell"]
+TracedGRUCell = _traced["TracedGRUCell"]
+TracedSimpleRNNCell = _traced["TracedSimpleRNNCell"]
+TracedConvLSTMCell = _traced["TracedConvLSTMCell"]
+TracedCell = _traced["TracedCell"]
+TracedStackedCells = _traced["TracedStackedCells"]
 TracedRNN = _traced["TracedRNN"]
 TracedBidirectional = _traced["TracedBidirectional"]
 
