@@ -16,11 +16,20 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# The main job: audit the bundled bracket-counting LSTM against nesting depth.
 demo: setup
-	$(PY) examples/seq2seq.py
+	$(VENV)/bin/lstm-rewrite audit --out out/demo
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# Property-based fuzzing at full size (the suite runs a small profile).
+fuzz: setup
+	FUZZ_EXAMPLES=500 $(PY) -m pytest -q -p no:randomly tests/test_fuzz.py
+
+# Benchmark tables (scripts, not tests); figures land in benchmarks/out/.
+bench: setup
+	$(PY) benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
