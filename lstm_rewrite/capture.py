@@ -292,8 +292,14 @@ def _select_exposed(record, states, layers) -> list:
     """The exposed outputs of an already traced model that ``states``/``layers`` ask for."""
     exposed = list(record.exposed)
     if states is not None:
-        wanted = _quantities(states)
-        missing = [q for q in wanted if not any(e.quantity == q for e in exposed)]
+        # Each requested item must name something exposed; "gates" names whatever gates exist.
+        available = {e.quantity for e in exposed}
+        wanted, missing = set(), []
+        for item in [states] if isinstance(states, str) else list(states):
+            hit = set(_quantities(item)) & available
+            if not hit:
+                missing.append(item)
+            wanted |= hit
         if missing:
             raise InvalidArgumentError(
                 f"The traced model exposes {sorted({e.quantity for e in exposed})} but states="
@@ -334,10 +340,10 @@ def _reversed_sites(model) -> dict[str, bool]:
         return {}
     found = {}
     for site in sites:
-        if site.kind == "lstm":
-            found[site.site] = bool(getattr(site.layer, "go_backwards", False))
-        else:
+        if site.kind == "bidirectional":
             found[f"{site.site}.forward"] = found[f"{site.site}.backward"] = False
+        else:
+            found[site.site] = bool(getattr(site.layer, "go_backwards", False))
     return found
 
 
@@ -363,12 +369,23 @@ def _trace(model_or_traced, states, layers):
     record_masks = dict(getattr(record, "masks", None) or {})
     masks = {}
     for e in exposed:
-        masks.setdefault(e.layer, record_masks.get(e.layer))
+        masks.setdefault(e.layer, _by_prefix(record_masks, e.layer))
     reversed_layers = {}
     for e in exposed:
         flag = getattr(e, "reversed", None)
-        reversed_layers[e.layer] = bool(flag) if flag is not None else reversed_sites.get(e.layer)
+        reversed_layers[e.layer] = bool(flag) if flag is not None else _by_prefix(reversed_sites, e.layer)
     return traced, exposed, masks, reversed_layers
+
+
+def _by_prefix(mapping: Mapping[str, Any], layer: str):
+    """The entry for ``layer`` or for the closest call site that contains it: the cells of a
+    stacked RNN (``stack.cell1``) share the mask and direction of their call (``stack``)."""
+    while True:
+        if layer in mapping:
+            return mapping[layer]
+        if "." not in layer:
+            return None
+        layer = layer.rsplit(".", 1)[0]
 
 
 def _runner(traced, output_names: list[str]) -> Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]:
@@ -443,7 +460,7 @@ def iter_state_batches(
     model_or_traced,
     data,
     *,
-    states: Sequence[str] | str | None = ("c",),
+    states: Sequence[str] | str | None = None,
     layers=None,
     batch_size: int = 32,
     progress: bool = True,
@@ -454,7 +471,7 @@ def iter_state_batches(
         model_or_traced: a Keras 3 or tf-keras model, which is traced here with
             ``expose_cell_states(..., expose_masks=True)``, or a model already returned by
             ``expose_cell_states`` (recognised by its ``rewrite_record``); for the latter ``states``
-            and ``layers`` pick among the outputs it exposes (``None`` = all of them).
+            and ``layers`` pick among the outputs it exposes.
         data: a NumPy array (single-input model); a list of arrays in ``model.inputs`` order or a
             dict keyed by input name (multi-input model); a ``tf.data.Dataset`` whose elements are
             single sequences (batched here by ``batch_size``) or batches (used as they are), with
@@ -462,7 +479,7 @@ def iter_state_batches(
             batches in one of the array forms above. Arrays are validated before anything runs,
             streamed batches as they arrive.
         states: quantities to expose: ``"c"``, ``"h"``, ``"i"``, ``"f"``, ``"g"``, ``"o"`` or
-            ``"gates"``.
+            ``"gates"``. ``None``: ``("c",)`` for a model, everything it exposes for a traced model.
         layers: which recurrent layers: a name, a list of names or a predicate (see
             ``expose_cell_states``); ``None`` = all.
         batch_size: sequences per batch for arrays and unbatched datasets.
@@ -491,8 +508,10 @@ def iter_state_batches(
 
 
 def _exposed_info(e, reversed_layers: Mapping[str, bool | None]) -> dict[str, Any]:
+    shape = getattr(e, "shape", None)
     return {"layer": e.layer, "quantity": e.quantity, "layer_class": getattr(e, "layer_class", None),
             "units": None if getattr(e, "units", None) is None else int(e.units),
+            "shape": None if not shape else [int(d) for d in shape],
             "reversed": reversed_layers.get(e.layer)}
 
 
@@ -507,7 +526,8 @@ class CellStates(Mapping):
         masks: layer prefix -> ``(sequences, time)`` float32 mask (1.0 = valid step, in the time
             order of that layer's states) or ``None`` where every step is valid.
         lengths: layer prefix -> ``(sequences,)`` int32 number of valid steps.
-        exposed: output name -> ``{"layer", "quantity", "layer_class", "units", "reversed"}``;
+        exposed: output name -> ``{"layer", "quantity", "layer_class", "units", "shape",
+            "reversed"}`` (``shape``: one step's shape, e.g. ``[rows, cols, filters]`` for ConvLSTM2D);
             ``reversed`` is true for a ``go_backwards`` LSTM, whose time axis (and mask) runs from
             the last input step to the first, false when the axis follows the input, ``None`` when
             unknown (an already traced model was passed).
@@ -682,25 +702,24 @@ class _H5Sink:
         self._mask_prefixes: list[str] = []
         self._has_mask: dict[str, bool] = {}
 
-    def _chunks(self, steps: int, units: int | None) -> tuple:
-        row = steps * (units or 1) * 4
-        if row <= _CHUNK_BYTES:
-            rows = max(1, _CHUNK_BYTES // row)
-            return (rows, steps) if units is None else (rows, steps, units)
-        step_chunk = max(1, _CHUNK_BYTES // ((units or 1) * 4))
-        return (1, min(steps, step_chunk)) if units is None else (1, min(steps, step_chunk), units)
+    @staticmethod
+    def _chunks(steps: int, step_shape: tuple) -> tuple:
+        """Chunks of about _CHUNK_BYTES: whole sequences when they fit, else slices of steps."""
+        step_bytes = int(np.prod(step_shape, dtype=np.int64)) * 4 if step_shape else 4
+        if steps * step_bytes <= _CHUNK_BYTES:
+            return (max(1, _CHUNK_BYTES // (steps * step_bytes)), steps, *step_shape)
+        return (1, max(1, min(steps, _CHUNK_BYTES // step_bytes)), *step_shape)
 
-    def _create(self, group: str, name: str, steps: int, units: int | None, dtype="float32"):
-        shape = (0, steps) if units is None else (0, steps, units)
-        maxshape = (None, None) if units is None else (None, None, units)
+    def _create(self, group: str, name: str, steps: int, step_shape: tuple = ()):
+        """A resizable float32 dataset ``(0, steps, *step_shape)``; rows and steps can grow."""
         return self.file.require_group(group).create_dataset(
-            name, shape=shape, maxshape=maxshape, dtype=dtype, chunks=self._chunks(steps, units),
-            compression=self.compression, fillvalue=0,
+            name, shape=(0, steps, *step_shape), maxshape=(None, None, *step_shape), dtype="float32",
+            chunks=self._chunks(steps, step_shape), compression=self.compression, fillvalue=0,
         )
 
     def _add_mask(self, prefix: str) -> None:
         """Start a mask for a layer that had none: every step written so far was valid."""
-        dataset = self._create("masks", prefix, self.steps, None)
+        dataset = self._create("masks", prefix, self.steps)
         dataset.resize(self.rows, axis=0)
         block = max(1, _CHUNK_BYTES // max(1, self.steps * 4))
         for start in range(0, self.rows, block):
@@ -714,11 +733,11 @@ class _H5Sink:
         if self.rows == 0 and not self._has_mask:
             self.steps = steps
             for name, value in batch.states.items():
-                self._create("states", name, steps, value.shape[2])
+                self._create("states", name, steps, tuple(value.shape[2:]))
             for prefix, mask in batch.mask.items():
                 self._has_mask[prefix] = mask is not None
                 if mask is not None:
-                    self._create("masks", prefix, steps, None)
+                    self._create("masks", prefix, steps)
                 lengths = self.file.require_group("lengths").create_dataset(
                     prefix, shape=(0,), maxshape=(None,), dtype="int32", chunks=(4096,))
                 del lengths
@@ -767,7 +786,7 @@ class _H5Sink:
         for name, dataset in self.file["states"].items():
             for key, value in exposed[name].items():
                 if value is not None:
-                    dataset.attrs[key] = value
+                    dataset.attrs[key] = np.asarray(value) if isinstance(value, list) else value
         self.file.close()
         os.replace(self.tmp, self.path)
         return CellStates.open(self.path)
@@ -795,7 +814,7 @@ def cell_states(
     model,
     data,
     *,
-    states: Sequence[str] | str | None = ("c",),
+    states: Sequence[str] | str | None = None,
     layers=None,
     batch_size: int = 32,
     out: str | os.PathLike | None = None,
@@ -809,6 +828,7 @@ def cell_states(
         data: a NumPy array, a list/dict of arrays, a ``tf.data.Dataset`` (batched or not) or a
             generator of batches; see ``iter_state_batches`` for the details.
         states: quantities: ``"c"``, ``"h"``, ``"i"``, ``"f"``, ``"g"``, ``"o"``, ``"gates"``.
+            ``None``: ``("c",)`` for a model, everything it exposes for a traced model.
         layers: which recurrent layers (name, list of names, predicate); ``None`` = all.
         batch_size: sequences per batch for arrays and unbatched datasets.
         out: ``None`` to keep everything in memory, or the path of an HDF5 file to stream each batch
@@ -844,7 +864,7 @@ def cell_states(
         from .backends import flavour_of
 
         config = {
-            "states": list(_quantities(states)) if states is not None else None,
+            "states": list(dict.fromkeys(e.quantity for e in exposed)),
             "layers": _describe_layers(layers),
             "batch_size": int(batch_size),
             "model": getattr(traced, "name", None),

@@ -25,8 +25,10 @@ sequence of positions (sequences concatenated):
   LSTMVis applies tanh).
 
 Here a cell state ``c`` is ``type: state`` (unbounded, so LSTMVis's tanh applies), ``h`` is
-``type: output`` with ``transform: none`` (already in (-1, 1)), the gates ``i``, ``f``, ``o`` are
-``unsigned: true, transform: none`` (in (0, 1)) and ``g`` is ``transform: none`` (in (-1, 1)).
+``type: output`` (with ``transform: none`` for an LSTM, whose h lies in (-1, 1)), the sigmoid gates
+``i``, ``f``, ``o`` (LSTM) and ``z``, ``r`` (GRU) are ``unsigned: true, transform: none`` and the
+tanh gates ``g`` (LSTM) and ``n`` (GRU) are ``transform: none``. A ConvLSTM2D step is flattened
+to one vector of ``rows * cols * filters`` cells.
 ``layer`` numbers the distinct layers in the order of the states. Padded steps are left out, so
 positions are the real tokens only, and the states of a ``go_backwards`` LSTM (kept by the capture
 in processing order) are flipped back to input order so that every position lines up with its token.
@@ -137,13 +139,24 @@ def _reversed(states, name: str) -> bool:
     return bool(exposed and name in exposed and exposed[name].get("reversed"))
 
 
-def _state_type(quantity: str, layer: int, path: str) -> dict:
+# Value ranges: sigmoid gates lie in (0, 1), tanh gates and LSTM outputs in (-1, 1); cell states
+# (and the states of custom cells) are unbounded, so LSTMVis's default tanh applies to them.
+_UNIT_INTERVAL = ("i", "f", "o", "z", "r")
+_SIGNED_INTERVAL = ("g", "n")
+
+
+def _state_type(quantity: str, layer: int, path: str, layer_class: str | None) -> dict:
     entry: dict = {"type": "output" if quantity == "h" else "state", "layer": layer, "path": path}
-    if quantity in ("i", "f", "o"):
+    if quantity in _UNIT_INTERVAL:
         entry.update(unsigned=True, transform="none")
-    elif quantity in ("h", "g"):
+    elif quantity in _SIGNED_INTERVAL or (quantity == "h" and (layer_class or "LSTM").endswith("LSTM")):
         entry["transform"] = "none"
     return entry
+
+
+def _layer_class(states, name: str) -> str | None:
+    exposed = getattr(states, "exposed", None)
+    return exposed[name].get("layer_class") if exposed and name in exposed else None
 
 
 def export_lstmvis(
@@ -161,7 +174,7 @@ def export_lstmvis(
 
     Args:
         states: a ``CellStates`` (from ``cell_states``) or a mapping name -> ``(sequences, time,
-            units)`` array.
+            units)`` array (further axes, as for ConvLSTM2D, are flattened).
         out_dir: the project directory (created if missing); put it inside the directory passed to
             ``lstm_server.py -dir``.
         tokens: ``(sequences, time)`` integer word ids, aligned with the states' time axis.
@@ -231,7 +244,8 @@ def export_lstmvis(
         with h5py.File(states_path, "w") as handle:
             for n in names:
                 source = states[n]
-                units = int(source.shape[2])
+                # LSTMVis wants one vector per position: ConvLSTM2D steps are flattened.
+                units = int(np.prod(source.shape[2:], dtype=np.int64))
                 flip = _reversed(states, n)
                 target = handle.create_dataset(n, shape=(positions, units), dtype="float32",
                                                chunks=(min(max(positions, 1), 4096), units))
@@ -241,6 +255,7 @@ def export_lstmvis(
                     block = np.asarray(source[start:start + _BLOCK], dtype=np.float32)
                     if flip:
                         block = block[:, ::-1]
+                    block = block.reshape(block.shape[0], block.shape[1], units)
                     rows = block.reshape(-1, units) if valid is None else block[valid[start:start + _BLOCK]]
                     target[at:at + len(rows)] = rows
                     at += len(rows)
@@ -263,7 +278,8 @@ def export_lstmvis(
             "word_sequence": {"file": "word_ids", "path": WORD_IDS_PATH, "dict_file": "words"},
             "states": {
                 "file": "states",
-                "types": [_state_type(_quantity(states, n), layer_numbers[_layer(states, n)], n) for n in names],
+                "types": [_state_type(_quantity(states, n), layer_numbers[_layer(states, n)], n,
+                                      _layer_class(states, n)) for n in names],
             },
         }
         config_path = os.path.join(out_dir, CONFIG_FILE)

@@ -149,7 +149,7 @@ def test_traced_model_is_used_as_it_is(flavour):
     model, traced = cached(flavour, "token"), cached(flavour, "token traced")
     x = padded_tokens(6)
     only_h = cell_states(traced, x, states=("h",), progress=False)
-    everything = cell_states(traced, x, states=None, progress=False)
+    everything = cell_states(traced, x, progress=False)  # a traced model: all it exposes
     assert list(only_h) == ["encoder.h"]
     assert set(everything) == {f"encoder.{q}" for q in "chifgo"}
     ref = reference_states(model, x, flavour=flavour)
@@ -162,6 +162,7 @@ def test_traced_model_is_used_as_it_is(flavour):
     with pytest.raises(InvalidArgumentError, match="decoder"):
         cell_states(traced, x, layers=["decoder"], progress=False)
     assert set(cell_states(traced, x, layers="encoder", states="c", progress=False)) == {"encoder.c"}
+    assert set(cell_states(model, x, progress=False)) == {"encoder.c"}  # a model: c by default
 
 
 def test_datasets_batched_unbatched_and_with_targets(flavour):
@@ -228,7 +229,7 @@ def test_hdf5_round_trip_equals_memory(flavour, tmp_path):
     with h5py.File(path, "r") as handle:
         dataset = handle["states"]["encoder.c"]
         assert dataset.compression == "gzip" and dataset.chunks is not None
-        assert dataset.maxshape == (None, None, UNITS)
+        assert dataset.maxshape == (None, None, UNITS) and dataset.chunks[1:] == (T, UNITS)
         assert dataset.attrs["quantity"] == "c" and dataset.attrs["layer"] == "encoder"
         assert handle.attrs["format"] == capture.FILE_FORMAT
     reopened = CellStates.open(path)
@@ -322,6 +323,40 @@ def test_bad_out_paths(flavour, tmp_path):
         cell_states(model, padded_tokens(2), out=tmp_path / "missing" / "s.h5", progress=False)
     with pytest.raises(InvalidArgumentError, match="is a directory"):
         cell_states(model, padded_tokens(2), out=tmp_path, progress=False)
+
+
+def test_conv_lstm_states_keep_their_spatial_axes(flavour, tmp_path):
+    k = kmod(flavour)
+    k.utils.set_random_seed(6)
+    frames = k.Input((None, 4, 4, 1), name="frames")
+    conv = k.layers.ConvLSTM2D(2, 3, padding="same", return_sequences=True, name="conv")
+    model = k.Model(frames, conv(frames))
+    x = np.random.default_rng(0).normal(size=(3, 5, 4, 4, 1)).astype("float32")
+    memory = cell_states(model, x, progress=False)
+    expected = reference.conv_lstm2d(x, *conv.get_weights(), padding="same", flavour=flavour)["c"]
+    np.testing.assert_allclose(memory["conv.c"], expected, atol=1e-5)
+    with cell_states(model, x, out=tmp_path / "conv.h5", batch_size=2, progress=False) as disk:
+        assert disk["conv.c"].maxshape == (None, None, 4, 4, 2)
+        assert disk.exposed["conv.c"]["shape"] == [4, 4, 2]
+        np.testing.assert_allclose(disk["conv.c"][:], memory["conv.c"], atol=1e-6)  # batch size 2 vs 32
+
+
+def test_stacked_cells_share_the_mask_of_their_call(flavour):
+    k = kmod(flavour)
+    k.utils.set_random_seed(7)
+    tokens = k.Input((None,), dtype="int32", name="tokens")
+    e = k.layers.Embedding(VOCAB, EMBED, mask_zero=True, name="emb")(tokens)
+    stack = k.layers.RNN([k.layers.LSTMCell(3), k.layers.GRUCell(2)], return_sequences=True, name="stack")(e)
+    gru = k.layers.GRU(2, return_sequences=True, name="gru")
+    model = k.Model(tokens, [stack, gru(e)])
+    x = padded_tokens(5)
+    cs = cell_states(model, x, states=("c", "h"), progress=False)
+    assert {"stack.cell0.c", "stack.cell1.h", "gru.h"} <= set(cs)
+    for layer in ("stack.cell0", "stack.cell1", "gru"):
+        np.testing.assert_array_equal(cs.masks[layer], (x != 0).astype("float32"), err_msg=layer)
+    table = model.get_layer("emb").get_weights()[0]
+    expected = reference.gru(table[x], *gru.get_weights(), mask=x != 0, flavour=flavour)["h"]
+    np.testing.assert_allclose(cs["gru.h"], expected, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
