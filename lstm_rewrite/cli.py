@@ -137,28 +137,27 @@ def _site_config(layer) -> dict[str, Any]:
     return {k: config[k] for k in keys if k in config}
 
 
-def _other_recurrent_layers(model, seen: set[int] | None = None, prefix: str = "") -> list[tuple[str, str]]:
-    """Recurrent layers the rewrite leaves alone (GRU, SimpleRNN, ...): reported, not exposed."""
+def _other_recurrent_layers(model, covered: set[int], seen: set[int] | None = None,
+                            prefix: str = "") -> list[tuple[str, str]]:
+    """Recurrent layers (RNN subclasses) that the rewrite's plan does not cover: reported as left alone."""
     seen = set() if seen is None else seen
     found = []
     for layer in getattr(model, "layers", []):
-        if id(layer) in seen:
+        if id(layer) in seen or id(layer) in covered:
             continue
         seen.add(id(layer))
-        classes = [k.__name__ for k in type(layer).__mro__]
         name = f"{prefix}{layer.name}"
-        inner = getattr(layer, "layer", None) or getattr(layer, "forward_layer", None)
-        inner_classes = [k.__name__ for k in type(inner).__mro__] if inner is not None else []
         if hasattr(layer, "layers"):
-            found += _other_recurrent_layers(layer, seen, name + ".")
-        elif ("RNN" in classes or "RNN" in inner_classes) and "LSTM" not in classes and "LSTM" not in inner_classes:
+            found += _other_recurrent_layers(layer, covered, seen, name + ".")
+            continue
+        inner = getattr(layer, "layer", None) or getattr(layer, "forward_layer", None)
+        if any(k.__name__ == "RNN" for k in type(layer).__mro__ + type(inner).__mro__):
             label = type(layer).__name__ + (f"({type(inner).__name__})" if inner is not None else "")
             found.append((name, label))
     return found
 
 
 def cmd_inspect(args) -> int:
-    from . import expose_cell_states
     from .capture import _input_specs
     from .loading import inspect_model_file
     from .rewrite import plan_rewrite
@@ -166,27 +165,26 @@ def cmd_inspect(args) -> int:
     info = inspect_model_file(args.model)
     model = _load(args.model, args.unsafe)
     states = _split(args.states) or ["c"]
-    sites = plan_rewrite(model, layers=_split(args.layers))
-    # A dry run: build the traced model (no verification) only to read the names it would add.
-    traced = expose_cell_states(model, states=states, layers=_split(args.layers), verify=False, expose_masks=True)
-    record = traced.rewrite_record
+    # The plan names what the rewrite would add without building anything.
+    sites = plan_rewrite(model, layers=_split(args.layers), states=states)
+    covered = {id(s.layer) for s in sites}
     result = {
         "file": {"path": info.path, "format": info.format, "flavour": info.flavour,
                  "keras_version": info.keras_version, "evidence": info.evidence},
         "model": {"name": model.name, "class": type(model).__name__,
                   "inputs": [{"name": s.name, "shape": [None, *s.shape], "dtype": str(s.dtype)}
                              for s in _input_specs(model)],
-                  "outputs": list(record.original_output_names)},
+                  "outputs": [str(n) for n in getattr(model, "output_names", None) or []]},
         "recurrent_layers": [
-            {"site": s.site, "layer": s.layer.name, "class": type(s.layer).__name__, "kind": s.kind,
-             "selected": bool(s.selected),
+            {"site": s.site, "layer": s.layer.name, "class": s.layer_class or type(s.layer).__name__,
+             "kind": s.kind, "selected": bool(s.selected),
+             "adds": list(s.output_names) if s.selected else [],
              "config": _site_config(s.layer.forward_layer if s.kind == "bidirectional" else s.layer)}
             for s in sites
         ],
-        "not_rewritten": [{"layer": n, "class": c} for n, c in _other_recurrent_layers(model)],
+        "not_rewritten": [{"layer": n, "class": c} for n, c in _other_recurrent_layers(model, covered)],
         "states": list(states),
-        "added_outputs": [e.name for e in record.exposed],
-        "mask_outputs": dict(record.masks),
+        "added_outputs": [name for s in sites if s.selected for name in s.output_names],
     }
     if args.json:
         print(json.dumps(result, indent=1))
@@ -196,17 +194,17 @@ def cmd_inspect(args) -> int:
     m = result["model"]
     print(f"model {m['name']!r} ({m['class']}); inputs: "
           + ", ".join(f"{i['name']} {tuple(i['shape'])} {i['dtype']}" for i in m["inputs"]))
-    print(f"outputs: {', '.join(m['outputs'])}")
-    print("LSTM calls (site: layer, class):")
+    if m["outputs"]:
+        print(f"outputs: {', '.join(m['outputs'])}")
+    print("recurrent calls (site: layer, class):")
     for site in result["recurrent_layers"]:
         flag = "" if site["selected"] else "  [not selected]"
         settings = ", ".join(f"{k}={v}" for k, v in site["config"].items())
         print(f"  {site['site']}: {site['layer']} ({site['class']}){flag}\n      {settings}")
     for other in result["not_rewritten"]:
-        print(f"  {other['layer']} ({other['class']}): left as it is (only LSTM states are exposed)")
+        print(f"  {other['layer']} ({other['class']}): left as it is (not a layer the rewrite traces)")
     print(f"the rewrite adds (states {','.join(states)}): {', '.join(result['added_outputs'])}")
-    if result["mask_outputs"]:
-        print(f"expose --masks also adds: {', '.join(result['mask_outputs'].values())}")
+    print("expose --masks also adds <site>.mask for each call, 1.0 on valid steps")
     return EXIT_OK
 
 

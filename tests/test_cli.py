@@ -106,8 +106,24 @@ def test_inspect_text_and_json(flavour, files, capsys):
     assert [s["site"] for s in info["recurrent_layers"]] == ["encoder"]
     assert info["recurrent_layers"][0]["config"]["units"] == 4
     assert info["added_outputs"] == ["encoder.i", "encoder.f", "encoder.g", "encoder.o"]
-    assert info["mask_outputs"] == {"encoder": "encoder.mask"}
+    assert info["recurrent_layers"][0]["adds"] == info["added_outputs"]
+    assert info["model"]["outputs"] == ["next"]
     assert info["model"]["inputs"] == [{"name": "tokens", "shape": [None, None], "dtype": "int32"}]
+
+
+def test_inspect_lists_every_call_site(flavour, capsys, tmp_path):
+    k = kmod(flavour)
+    x = k.Input((5, 3), name="x")
+    shared = k.layers.LSTM(3, return_sequences=True, name="shared")
+    y = k.layers.Bidirectional(k.layers.LSTM(2, return_sequences=True), name="bi")(shared(shared(x)))
+    y = k.layers.GRU(2, name="gru")(y)
+    k.Model(x, y).save(tmp_path / "sites.keras")
+    code, out, _ = run(["inspect", tmp_path / "sites.keras", "--json", "--layers", "shared,bi"], capsys)
+    info = json.loads(out)
+    assert [(s["site"], s["selected"]) for s in info["recurrent_layers"]] == [
+        ("shared", True), ("shared.call1", True), ("bi", True), ("gru", False)]
+    assert info["added_outputs"] == ["shared.c", "shared.call1.c", "bi.forward.c", "bi.backward.c"]
+    assert info["recurrent_layers"][2]["class"] == "Bidirectional(LSTM)"
 
 
 def test_expose_writes_a_verified_model(flavour, files, capsys, tmp_path):
