@@ -208,6 +208,10 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
             self.output_size = self.state_width * (1 + len(self.extras))
             self.step_output_size = self.state_width
 
+        def build(self, input_shape, *args, **kwargs):
+            # A reloaded model builds from a JSON list; the Keras cell concatenates it to a tuple.
+            super().build(tuple(input_shape), *args, **kwargs)
+
         def get_initial_state(self, inputs=None, batch_size=None, dtype=None):
             dtype = dtype or self.compute_dtype
             return [ops.zeros((batch_size, self.state_width), dtype=dtype) for _ in range(2)]

@@ -1,28 +1,43 @@
-"""The rewrite pass: find the LSTM calls, build traced replacements, copy weights, rebuild the model.
+"""The rewrite pass: find the recurrent-layer calls, build traced replacements, copy weights, rebuild the model.
 
 The pass re-calls every layer of the model, in topological order of its call graph, on new
 inputs. Layers are copies of the user's (``from_config`` + weights), so the user's model never
-changes; shared layers stay shared. Each selected LSTM call becomes a `TracedRNN` (an ``RNN``
-over a `TracedLSTMCell`), each selected ``Bidirectional(LSTM)`` a `TracedBidirectional`, and
-nested models are rewritten recursively. What *matches* (`match_call`) is kept apart from what
-*replaces* it (`ReplacementBuilder`); everything unsupported is refused in `plan_rewrite`,
-before anything is built.
+changes; shared layers stay shared. Each selected recurrent call (LSTM, GRU, SimpleRNN,
+ConvLSTM1D/2D/3D, an ``RNN`` over a Keras cell, over ``StackedRNNCells`` or over a custom cell)
+becomes a `TracedRNN`, an ``RNN`` over the traced cell that `cell_kinds` pairs with the layer's
+cell; each selected ``Bidirectional`` a `TracedBidirectional`; nested models are rewritten
+recursively. What *matches* (`match_call`) is kept apart from what *replaces* it
+(`ReplacementBuilder`); everything unsupported is refused in `plan_rewrite`, before anything is
+built.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Iterable, Union
 
 import numpy as np
 
 from . import backends
-from .cells import LSTM_STATE_INDEX
+from .cells import (
+    CONV_LSTM_FAMILY,
+    GRU_FAMILY,
+    LSTM_FAMILY,
+    LSTM_STATE_INDEX,  # noqa: F401 - re-exported: the LSTM state layout other stages rely on
+    SIMPLE_RNN_FAMILY,
+    CellFamily,
+    generic_family,
+)
 from .errors import InvalidArgumentError, UnsupportedLayerError, UnsupportedModelError
 from .graph import build_graph, walk
-from .naming import MASK, output_name, parse_states, site_name
+from .naming import MASK, output_name, parse_states, quantities_for, site_name
 
 LayerSelector = Union[None, str, Iterable[str], Callable[[object], bool]]
+
+# The kinds of recurrent call the rewrite traces (`match_call` also answers "bidirectional",
+# "model" and "layer").
+RECURRENT_KINDS = ("lstm", "gru", "simple_rnn", "conv_lstm", "stacked", "generic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,11 +45,12 @@ class ExposedOutput:
     """One extra output of a traced model: ``name`` = ``layer`` + "." + ``quantity``."""
 
     name: str
-    layer: str  # dotted site, e.g. "bi.forward" or "body.encoder.call1"
-    quantity: str  # c, h, i, f, g, o
-    layer_class: str
-    units: int
+    layer: str  # dotted site, e.g. "bi.forward", "body.encoder.call1", "stack.cell0"
+    quantity: str  # c, h, i, f, g, o; z, r, n; state0, state1, ...
+    layer_class: str  # "LSTM", "GRU", "RNN(GRUCell)", "ConvLSTM2D", "LSTMCell" (a stacked cell), ...
+    units: int  # units (filters for ConvLSTM, width for a custom cell's state)
     dtype: str = "float32"  # the layer's dtype policy; the exposed sequence has its compute dtype
+    shape: tuple = ()  # one step's shape: (units,), or (*spatial, filters) for ConvLSTM
 
 
 @dataclasses.dataclass
@@ -59,66 +75,228 @@ class RecurrentSite:
 
     site: str  # dotted name of the call, e.g. "body.encoder"
     layer: object
-    kind: str  # "lstm" or "bidirectional"
+    kind: str  # one of RECURRENT_KINDS, or "bidirectional"
     selected: bool
+    layer_class: str = ""  # e.g. "GRU", "Bidirectional(LSTM)", "RNN(StackedRNNCells)"
+    quantities: tuple = ()  # what it exposes, relative to the site: "c", "forward.h", "cell1.c"
+
+    @property
+    def output_names(self) -> tuple:
+        """The names of the outputs the rewrite adds for this call (when it is selected)."""
+        return tuple(output_name(self.site, q) for q in self.quantities)
+
+
+@dataclasses.dataclass(frozen=True)
+class CellKind:
+    """One row of the table of Keras cells the rewrite knows, and the traced cell replacing each."""
+
+    kind: str
+    cell_class: type
+    traced_cell: type
+    family: CellFamily
+
+
+@dataclasses.dataclass(frozen=True)
+class ExposedUnit:
+    """One cell of a recurrent layer as the rewrite exposes it: the layer's cell, or one stacked cell."""
+
+    suffix: str  # "" for the layer's own cell, "cell0", "cell1", ... for StackedRNNCells
+    cell: object
+    family: CellFamily
+    quantities: tuple  # what it exposes, in output order
+
+
+def cell_kinds(backend) -> tuple:
+    """The table: Keras cell class -> traced cell class and what it exposes, for one flavour."""
+    return (
+        CellKind("lstm", backend.LSTMCell, backend.TracedLSTMCell, LSTM_FAMILY),
+        CellKind("gru", backend.GRUCell, backend.TracedGRUCell, GRU_FAMILY),
+        CellKind("simple_rnn", backend.SimpleRNNCell, backend.TracedSimpleRNNCell, SIMPLE_RNN_FAMILY),
+        CellKind("conv_lstm", backend.ConvLSTMCell, backend.TracedConvLSTMCell, CONV_LSTM_FAMILY),
+    )
+
+
+def _layer_kinds(backend) -> tuple:
+    # The Keras recurrent layers that build their own cell; any other RNN is classified by its cell.
+    return ((backend.LSTM, "lstm"), (backend.GRU, "gru"), (backend.SimpleRNN, "simple_rnn"),
+            (backend.ConvLSTM, "conv_lstm"))
+
+
+def _cell_kind(cell, backend):
+    """The table row of a Keras cell, or None for a custom cell (or one whose step is overridden)."""
+    for row in cell_kinds(backend):
+        if isinstance(cell, row.cell_class) and type(cell).call is row.cell_class.call:
+            return row
+    return None
 
 
 # --- what matches ------------------------------------------------------------------------
 
 
 def match_call(layer, backend) -> str:
-    """Classify one layer call: "lstm", "bidirectional", "model" or "layer".
+    """Classify one layer call: a recurrent kind (see RECURRENT_KINDS), "bidirectional", "model" or "layer".
 
     Raises:
-        UnsupportedLayerError: for an LSTM the rewrite cannot reproduce exactly (an overridden
-            ``call``, time-major input) or an LSTM inside a wrapper other than Bidirectional.
+        UnsupportedLayerError: for a recurrent layer the rewrite cannot reproduce exactly (an
+            overridden ``call`` or cell step, time-major input, a custom cell it cannot trace) or
+            one inside a wrapper other than Bidirectional.
     """
-    if isinstance(layer, backend.Bidirectional) and isinstance(layer.forward_layer, backend.LSTM):
+    if isinstance(layer, backend.Bidirectional) and isinstance(layer.forward_layer, backend.RNN):
         for sub in (layer.forward_layer, layer.backward_layer):
-            _check_lstm(sub, backend, owner=layer)
+            recurrent_kind(sub, backend, owner=layer)
         return "bidirectional"
-    if isinstance(layer, backend.LSTM):
-        _check_lstm(layer, backend)
-        return "lstm"
+    if isinstance(layer, backend.RNN):
+        return recurrent_kind(layer, backend)
     if backend.is_model(layer):
         return "model"
-    if isinstance(layer, backend.Wrapper) and _contains_lstm(layer, backend):
+    inner = _wrapped_recurrent(layer, backend) if isinstance(layer, backend.Wrapper) else None
+    if inner is not None:
+        kind = type(inner).__name__
         raise UnsupportedLayerError(
-            f"Layer {layer.name!r} ({type(layer).__name__}) wraps an LSTM, and the rewrite handles LSTMs "
-            f"directly in the model or inside Bidirectional only. Rebuild the model with the LSTM outside the "
-            f"wrapper, or exclude it with layers=[...] naming the other LSTMs. Received: {type(layer).__name__}"
-            f"({type(layer.layer).__name__})"
+            f"Layer {layer.name!r} ({type(layer).__name__}) wraps {_article(kind)} {kind} ({inner.name!r}), and "
+            f"the rewrite handles recurrent layers directly in the model or inside Bidirectional only. Rebuild "
+            f"the model with the {kind} outside the wrapper, or leave it out with layers=[...] naming the other "
+            f"recurrent layers. Received: {type(layer).__name__}({kind})"
         )
     return "layer"
 
 
-def _contains_lstm(layer, backend) -> bool:
+def _wrapped_recurrent(layer, backend):
     inner = getattr(layer, "layer", None)
     if inner is None:
-        return False
-    return isinstance(inner, backend.LSTM) or _contains_lstm(inner, backend)
+        return None
+    if isinstance(inner, backend.RNN):
+        return inner
+    return _wrapped_recurrent(inner, backend) if isinstance(inner, backend.Wrapper) else None
 
 
-def _check_lstm(layer, backend, owner=None) -> None:
+def _article(word: str) -> str:
+    # "an LSTM", "an RNN", "a GRU", "a SimpleRNN": acronyms read letter by letter.
+    spelled = len(word) > 1 and word[1].isupper()
+    return "an" if word[0] in "AEIOU" or (spelled and word[0] in "FHLMNRSX") else "a"
+
+
+def recurrent_kind(layer, backend, owner=None) -> str:
+    """The kind of one recurrent layer (not Bidirectional): one of RECURRENT_KINDS.
+
+    Raises:
+        UnsupportedLayerError: naming the layer, when the rewrite cannot reproduce it exactly.
+    """
     where = f" (inside {owner.name!r})" if owner is not None else ""
-    if type(layer).call is not backend.LSTM.call or type(layer.cell).call is not backend.LSTMCell.call:
+    known = dict(_layer_kinds(backend))
+    base = next((k for k in known if isinstance(layer, k)), backend.RNN)
+    kind = known.get(base)
+    row = _cell_kind(layer.cell, backend)
+    if type(layer).call is not base.call or (kind is not None and (row is None or row.kind != kind)):
+        name = base.__name__
         raise UnsupportedLayerError(
-            f"Layer {layer.name!r}{where} ({type(layer).__name__}) is an LSTM whose call or cell is overridden; "
-            f"the traced cell reproduces only the Keras LSTM step, so its states would not be the layer's. "
-            f"Exclude it with layers=[...]. Received: {type(layer).__module__}.{type(layer).__name__}"
+            f"Layer {layer.name!r}{where} ({type(layer).__name__}) is {_article(name)} {name} whose call or cell is "
+            f"overridden; the traced cell reproduces only the Keras {name} step, so its states would not be the "
+            f"layer's. Exclude it with layers=[...]. Received: {type(layer).__module__}.{type(layer).__name__}"
         )
     if getattr(layer, "time_major", False):
         raise UnsupportedLayerError(
-            f"Layer {layer.name!r}{where} (LSTM) is time-major; the rewrite supports batch-major LSTMs only. "
-            f"Rebuild it with time_major=False. Received: time_major=True"
+            f"Layer {layer.name!r}{where} ({type(layer).__name__}) is time-major; the rewrite supports batch-major "
+            f"recurrent layers only. Rebuild it with time_major=False. Received: time_major=True"
         )
+    if kind is not None:
+        return kind
+    cell = layer.cell
+    if isinstance(cell, backend.StackedRNNCells):
+        if type(cell).call is not backend.StackedRNNCells.call or getattr(cell, "reverse_state_order", False):
+            raise UnsupportedLayerError(
+                f"Layer {layer.name!r}{where} ({describe_layer(layer, backend)}) stacks its cells in a way the rewrite does "
+                f"not reproduce (an overridden StackedRNNCells.call, or reverse_state_order=True). Exclude it "
+                f"with layers=[...]. Received: {type(cell).__module__}.{type(cell).__name__}"
+            )
+        for inner in cell.cells:
+            _check_cell(layer, inner, backend, where)
+        return "stacked"
+    return _check_cell(layer, cell, backend, where)
+
+
+def _check_cell(layer, cell, backend, where) -> str:
+    """The kind of the cell an ``RNN`` runs: a table row's, or "generic" for a custom cell it can trace."""
+    row = _cell_kind(cell, backend)
+    label = f"Layer {layer.name!r}{where} ({describe_layer(layer, backend)}) runs the cell {cell.name!r} ({type(cell).__name__})"
+    if row is not None and row.kind == "conv_lstm":
+        raise UnsupportedLayerError(
+            f"{label}, which Keras runs only inside its ConvLSTM1D/2D/3D layers. Use those layers, or exclude it "
+            f"with layers=[...]. Received: {type(cell).__name__}"
+        )
+    if row is not None:
+        return row.kind
+    sizes = getattr(cell, "state_size", None)
+    if _flat_sizes(sizes) is None or not _is_width(getattr(cell, "output_size", None), allow_none=True):
+        raise UnsupportedLayerError(
+            f"{label}, a custom cell whose states or output are not flat vectors (state_size={sizes!r}, "
+            f"output_size={getattr(cell, 'output_size', None)!r}): the traced cell emits each state at every "
+            f"step as a [batch, n] slice, so it cannot trace this cell. Give the cell an int or a list of ints "
+            f"as state_size, or exclude the layer with layers=[...]. Received: state_size={sizes!r}"
+        )
+    try:
+        copy_cell(cell)
+    except Exception as error:  # noqa: BLE001 - any failure to rebuild the cell from its config
+        raise UnsupportedLayerError(
+            f"{label}, a custom cell that cannot be rebuilt from its config ({type(error).__name__}: "
+            f"{' '.join(str(error).split())}). "
+            f"The rewrite traces a copy of the cell so that your model stays untouched: give the cell a "
+            f"get_config() that returns its constructor arguments, or exclude the layer with layers=[...]. "
+            f"Received: {type(cell).__module__}.{type(cell).__name__}"
+        ) from error
+    return "generic"
+
+
+def _is_width(value, allow_none=False) -> bool:
+    if value is None:
+        return allow_none
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
+
+
+def _flat_sizes(sizes):
+    """``state_size`` as a list of ints, or None when it is nested or holds shapes."""
+    if _is_width(sizes):
+        return [int(sizes)]
+    if sizes is None or isinstance(sizes, str) or hasattr(sizes, "as_list"):
+        return None
+    try:
+        flat = list(sizes)
+    except TypeError:
+        return None
+    return [int(s) for s in flat] if flat and all(_is_width(s) for s in flat) else None
+
+
+def copy_cell(cell):
+    """An unbuilt copy of a custom cell from its config (the traced cell runs the copy)."""
+    return type(cell).from_config(cell.get_config())
+
+
+def describe_layer(layer, backend) -> str:
+    """The class of a recurrent layer as reports show it: ``GRU``, ``RNN(LSTMCell)``, ``Bidirectional(GRU)``."""
+    if isinstance(layer, backend.Bidirectional):
+        return f"{type(layer).__name__}({describe_layer(layer.forward_layer, backend)})"
+    if any(isinstance(layer, k) for k, _ in _layer_kinds(backend)):
+        return type(layer).__name__
+    return f"{type(layer).__name__}({type(layer.cell).__name__})"
+
+
+def exposed_units(layer, kind: str, requested, backend) -> list:
+    """The cells of one recurrent layer (not Bidirectional) and the quantities each exposes."""
+    cells = list(layer.cell.cells) if kind == "stacked" else [layer.cell]
+    units = []
+    for k, cell in enumerate(cells):
+        row = _cell_kind(cell, backend)
+        family = row.family if row is not None else generic_family(len(_flat_sizes(cell.state_size)))
+        suffix = f"cell{k}" if kind == "stacked" else ""
+        units.append(ExposedUnit(suffix, cell, family, quantities_for(requested, family)))
+    return units
 
 
 def make_selector(layers: LayerSelector):
     """Turn a ``layers=`` argument into ``select(site, layer) -> bool`` and the names it expects.
 
     A name selects a call when it equals the layer's name, the call's dotted site, or a dotted
-    prefix of it (so a nested model's name selects every LSTM inside it).
+    prefix of it (so a nested model's name selects every recurrent layer inside it).
     """
     if layers is None:
         return (lambda site, layer: True), ()
@@ -138,43 +316,76 @@ def make_selector(layers: LayerSelector):
     return select, names
 
 
-def plan_rewrite(model, layers: LayerSelector = None) -> list:
-    """List every LSTM call of ``model`` (nested models included) and whether ``layers`` selects it.
+def classify(layer, site: str, select, backend) -> str:
+    """`match_call`, except that a recurrent layer the rewrite cannot handle is left as a plain
+    layer when ``layers=`` does not select it (so that excluding it is a way out)."""
+    try:
+        return match_call(layer, backend)
+    except UnsupportedLayerError:
+        if select(site, layer):
+            raise
+        return "layer"
+
+
+def plan_rewrite(model, layers: LayerSelector = None, states=("c",)) -> list:
+    """List every recurrent call of ``model`` (nested models included), what it would expose, and
+    whether ``layers`` selects it.
 
     Refuses, before anything is built, what the rewrite cannot do.
 
     Example:
-        >>> [s.site for s in plan_rewrite(model)]
-        ['encoder', 'decoder']
+        >>> [(s.site, s.layer_class, s.quantities) for s in plan_rewrite(model, states=("c", "gates"))]
+        [('encoder', 'LSTM', ('c', 'i', 'f', 'g', 'o')), ('decoder', 'GRU', ('h', 'z', 'r', 'n'))]
 
     Raises:
-        UnsupportedModelError: subclassed or unbuilt model, or no LSTM at all.
-        UnsupportedLayerError: an LSTM the rewrite cannot reproduce (see `match_call`).
-        InvalidArgumentError: a name in ``layers`` that matches no LSTM.
+        UnsupportedModelError: subclassed or unbuilt model, or no recurrent layer at all.
+        UnsupportedLayerError: a selected recurrent layer the rewrite cannot reproduce (see `match_call`).
+        InvalidArgumentError: a name in ``layers`` that matches no recurrent layer, or ``states``
+            naming nothing that a selected layer has.
     """
     backend = _backend_of(model)
+    requested = parse_states(states)
     select, names = make_selector(layers)
     sites = []
-    _collect_sites(model, backend, "", select, sites, seen_models=[])
+    _collect_sites(model, backend, "", select, requested, sites, seen_models=[])
     if not sites:
         raise UnsupportedModelError(
-            f"Model {model.name!r} has no LSTM layer (Bidirectional(LSTM) and nested models included), so "
-            f"there is no cell state to expose. Received layers: {[l.name for l in model.layers]}"
+            f"Model {model.name!r} has no LSTM or other recurrent layer (GRU, SimpleRNN, ConvLSTM, RNN; inside "
+            f"Bidirectional and nested models included), so there is no state to expose. "
+            f"Received layers: {[l.name for l in model.layers]}"
         )
     for name in names:
         if not any(name == s.layer.name or name == s.site or s.site.startswith(name + ".") for s in sites):
             raise InvalidArgumentError(
-                f"layers= names {name!r}, but model {model.name!r} has no LSTM of that name. Its LSTMs are: "
-                f"{sorted({s.site for s in sites})}. Received: layers={list(names)!r}"
+                f"layers= names {name!r}, but model {model.name!r} has no LSTM of that name, nor any other "
+                f"recurrent layer. Its recurrent layers are: {sorted({s.site for s in sites})}. "
+                f"Received: layers={list(names)!r}"
             )
     if not any(s.selected for s in sites):
         raise InvalidArgumentError(
-            f"layers= selects none of the LSTMs of model {model.name!r}: {sorted({s.site for s in sites})}."
+            f"layers= selects none of the recurrent layers of model {model.name!r}: {sorted({s.site for s in sites})}."
         )
+    for site in sites:
+        if site.selected and not site.quantities:
+            _refuse_states(site, requested, backend)
     return sites
 
 
-def _collect_sites(model, backend, prefix, select, sites, seen_models):
+def _refuse_states(site, requested, backend):
+    layer = site.layer.forward_layer if site.kind == "bidirectional" else site.layer
+    kind = recurrent_kind(layer, backend)
+    offers = []
+    for unit in exposed_units(layer, kind, requested, backend):
+        gates = f"; 'gates' means {', '.join(unit.family.gates)}" if unit.family.gates else "; it has no gates"
+        where = f"{unit.suffix}: " if unit.suffix else ""
+        offers.append(f"{where}{', '.join(unit.family.quantities)}{gates}")
+    raise InvalidArgumentError(
+        f"states= names nothing that layer {site.site!r} ({site.layer_class}) has. It exposes {'; '.join(offers)}. "
+        f"Ask for one of those, or leave the layer out with layers=[...]. Received: states={requested!r}"
+    )
+
+
+def _collect_sites(model, backend, prefix, select, requested, sites, seen_models):
     functional = _functional(model, backend)
     graph = build_graph(functional, backend)
     for key in walk(graph):
@@ -182,12 +393,27 @@ def _collect_sites(model, backend, prefix, select, sites, seen_models):
         if data["is_input"]:
             continue
         layer = data["layer"]
-        kind = match_call(layer, backend)
         site = site_name(layer.name, data["call_index"], prefix)
-        if kind in ("lstm", "bidirectional"):
-            sites.append(RecurrentSite(site, layer, kind, select(site, layer)))
+        kind = classify(layer, site, select, backend)
+        if kind in RECURRENT_KINDS or kind == "bidirectional":
+            sites.append(RecurrentSite(site, layer, kind, select(site, layer), describe_layer(layer, backend),
+                                       _site_quantities(layer, kind, requested, backend)))
         elif kind == "model":
-            _collect_sites(layer, backend, site + ".", select, sites, seen_models)
+            _collect_sites(layer, backend, site + ".", select, requested, sites, seen_models)
+
+
+def _site_quantities(layer, kind, requested, backend) -> tuple:
+    if kind == "bidirectional":
+        directions = [("forward.", layer.forward_layer), ("backward.", layer.backward_layer)]
+    else:
+        directions = [("", layer)]
+    found = []
+    for prefix, sub in directions:
+        sub_kind = kind if kind != "bidirectional" else recurrent_kind(sub, backend)
+        for unit in exposed_units(sub, sub_kind, requested, backend):
+            where = f"{prefix}{unit.suffix}." if unit.suffix else prefix
+            found += [f"{where}{q}" for q in unit.quantities]
+    return tuple(found)
 
 
 def _functional(model, backend):
@@ -220,62 +446,181 @@ def _backend_of(model):
 
 
 class ReplacementBuilder:
-    """Builds, once per original layer, the traced layer that replaces it, and copies weights."""
+    """Builds, once per original layer, the traced layer that replaces it, and copies weights.
+
+    One method per family of recurrent layer (``traced_lstm``, ``traced_gru``, ...); `traced`
+    picks it by kind. Each returns an unbuilt `TracedRNN` whose exposed sequences come in the
+    order of `exposed_units`; weights are copied once it is built (`copy_weights`).
+    """
 
     def __init__(self, backend, quantities: tuple, expose_masks: bool):
         self.backend = backend
-        self.quantities = quantities
-        self.extras = tuple(q for q in quantities if q != "h")
+        self.quantities = quantities  # the parsed states= request; each layer takes what it has
+        self.extras = tuple(q for q in quantities_for(quantities, LSTM_FAMILY) if q != "h")
         self.expose_masks = expose_masks
+        self.rows = {row.kind: row for row in cell_kinds(backend)}
+
+    def traced(self, layer, kind: str, name: str, return_sequences=None, return_state=None, output_shape=None):
+        """The traced replacement of one recurrent layer (not Bidirectional) of the given kind."""
+        if kind == "conv_lstm":
+            return self.traced_conv_lstm(layer, name, return_sequences, return_state, output_shape)
+        build = {"lstm": self.traced_lstm, "gru": self.traced_gru, "simple_rnn": self.traced_simple_rnn,
+                 "stacked": self.traced_stacked, "generic": self.traced_generic}[kind]
+        return build(layer, name, return_sequences, return_state)
 
     def traced_lstm(self, lstm, name: str, return_sequences=None, return_state=None):
-        """A TracedRNN configured like ``lstm`` (weights not yet copied: it is unbuilt)."""
-        backend = self.backend
-        cell = backend.TracedLSTMCell.from_config({**lstm.cell.get_config(), "extras": list(self.extras)})
-        rnn = backend.RNN(
-            cell, return_sequences=True, return_state=True, go_backwards=lstm.go_backwards,
-            stateful=lstm.stateful, unroll=lstm.unroll, zero_output_for_mask=False, name="rnn",
-            dtype=backend.dtype_policy(lstm),
-        )
-        return backend.TracedRNN(
-            rnn, extras=self.extras, exposed=self.quantities, state_index=LSTM_STATE_INDEX,
-            return_sequences=lstm.return_sequences if return_sequences is None else return_sequences,
-            return_state=lstm.return_state if return_state is None else return_state,
-            zero_output_for_mask=bool(getattr(lstm, "zero_output_for_mask", False)),
-            expose_mask=self.expose_masks, name=name, dtype=backend.dtype_policy(lstm),
+        """A TracedRNN configured like ``lstm`` (an LSTM or RNN(LSTMCell); unbuilt, weights not copied)."""
+        return self._traced_single(lstm, name, self.rows["lstm"], return_sequences, return_state)
+
+    def traced_gru(self, gru, name: str, return_sequences=None, return_state=None):
+        """A TracedRNN configured like ``gru`` (a GRU or RNN(GRUCell), either reset_after)."""
+        return self._traced_single(gru, name, self.rows["gru"], return_sequences, return_state)
+
+    def traced_simple_rnn(self, rnn, name: str, return_sequences=None, return_state=None):
+        """A TracedRNN configured like ``rnn`` (a SimpleRNN or RNN(SimpleRNNCell))."""
+        return self._traced_single(rnn, name, self.rows["simple_rnn"], return_sequences, return_state)
+
+    def traced_conv_lstm(self, layer, name: str, return_sequences=None, return_state=None, output_shape=None):
+        """A TracedRNN configured like a ConvLSTM1D/2D/3D; ``output_shape`` is the shape of the
+        call's (first) output, which gives the states' spatial shape."""
+        state_shape = conv_state_shape(layer, output_shape)
+        quantities = quantities_for(self.quantities, CONV_LSTM_FAMILY)
+        parts = 1 + len([q for q in quantities if q != "h"])
+        return self._traced_single(
+            layer, name, self.rows["conv_lstm"], return_sequences, return_state,
+            cell_config={"rank": layer.cell.rank, "state_shape": list(state_shape)},
+            part_shapes=[state_shape] * parts, state_shapes=[state_shape] * 2,
         )
 
-    def traced_bidirectional(self, bi):
-        forward = self.traced_lstm(bi.forward_layer, "forward", bi.return_sequences, bi.return_state)
-        backward = self.traced_lstm(bi.backward_layer, "backward", bi.return_sequences, bi.return_state)
+    def traced_stacked(self, layer, name: str, return_sequences=None, return_state=None):
+        """A TracedRNN over TracedStackedCells, for an RNN(StackedRNNCells([...]))."""
+        backend = self.backend
+        cells, extras, exposed, sizes, state_index, offset = [], [], [], [], {}, 0
+        for unit in exposed_units(layer, "stacked", self.quantities, backend):
+            row = _cell_kind(unit.cell, backend)
+            if row is not None:
+                # Each stacked cell emits what it exposes (h too: the stack's output is the last cell's).
+                cell = row.traced_cell.from_config({**unit.cell.get_config(), "extras": list(unit.quantities)})
+                emitted, widths = unit.quantities, [int(unit.cell.units)] * len(unit.quantities)
+            else:
+                cell = backend.TracedCell(copy_cell(unit.cell), name=f"traced_{unit.cell.name}")
+                emitted, widths = cell.extras, cell.state_widths
+            cells.append(cell)
+            extras += [f"{unit.suffix}.{q}" for q in emitted]
+            sizes += widths
+            exposed += [f"{unit.suffix}.{q}" for q in unit.quantities]
+            state_index.update({f"{unit.suffix}.{q}": offset + k for q, k in unit.family.state_index.items()})
+            offset += len(_flat_sizes(unit.cell.state_size))
+        stack = backend.TracedStackedCells(cells, name=layer.cell.name)
+        return self._wrap(layer, name, stack, return_sequences, return_state, extras=extras, exposed=exposed,
+                          state_index=state_index, output_alias=None,
+                          part_sizes=[stack.step_output_size] + sizes, state_count=offset)
+
+    def traced_generic(self, layer, name: str, return_sequences=None, return_state=None):
+        """A TracedRNN over a TracedCell wrapping a copy of ``layer``'s custom cell."""
+        (unit,) = exposed_units(layer, "generic", self.quantities, self.backend)
+        cell = self.backend.TracedCell(copy_cell(layer.cell), name=f"traced_{layer.cell.name}")
+        return self._wrap(layer, name, cell, return_sequences, return_state, extras=cell.extras,
+                          exposed=unit.quantities, state_index=unit.family.state_index, output_alias=None,
+                          part_sizes=[cell.step_output_size, *cell.state_widths],
+                          state_count=len(cell.state_widths))
+
+    def traced_bidirectional(self, bi, output_shape=None):
+        """A TracedBidirectional: each direction traced by its own kind, merged as ``bi`` merges."""
+        directions = []
+        for name, sub in (("forward", bi.forward_layer), ("backward", bi.backward_layer)):
+            kind = recurrent_kind(sub, self.backend, owner=bi)
+            directions.append(self.traced(sub, kind, name, bi.return_sequences, bi.return_state, output_shape))
         return self.backend.TracedBidirectional(
-            forward, backward, merge_mode=bi.merge_mode, return_sequences=bi.return_sequences,
+            *directions, merge_mode=bi.merge_mode, return_sequences=bi.return_sequences,
             return_state=bi.return_state, name=bi.name, dtype=self.backend.dtype_policy(bi),
         )
 
+    def _traced_single(self, layer, name, row, return_sequences, return_state, cell_config=None, **split):
+        quantities = quantities_for(self.quantities, row.family)
+        extras = tuple(q for q in quantities if q != "h")
+        cell = row.traced_cell.from_config({**layer.cell.get_config(), **(cell_config or {}), "extras": list(extras)})
+        return self._wrap(layer, name, cell, return_sequences, return_state, extras=extras, exposed=quantities,
+                          state_index=row.family.state_index, **split)
+
+    def _wrap(self, layer, name, cell, return_sequences, return_state, **traced_config):
+        backend = self.backend
+        rnn = backend.RNN(
+            cell, return_sequences=True, return_state=True, go_backwards=layer.go_backwards,
+            stateful=layer.stateful, unroll=layer.unroll, zero_output_for_mask=False, name="rnn",
+            dtype=backend.dtype_policy(layer),
+        )
+        return backend.TracedRNN(
+            rnn,
+            return_sequences=layer.return_sequences if return_sequences is None else return_sequences,
+            return_state=layer.return_state if return_state is None else return_state,
+            zero_output_for_mask=bool(getattr(layer, "zero_output_for_mask", False)),
+            expose_mask=self.expose_masks, name=name, dtype=backend.dtype_policy(layer), **traced_config,
+        )
+
+    # Weights: by role (kernel, recurrent kernel, bias), shapes checked, once the traced layer is built.
+
+    def copy_weights(self, source, traced, kind: str) -> None:
+        """Copy ``source``'s weights (and stateful states) into its built traced replacement."""
+        if kind == "bidirectional":
+            for sub, traced_sub in ((source.forward_layer, traced.forward_layer),
+                                    (source.backward_layer, traced.backward_layer)):
+                self.copy_weights(sub, traced_sub, recurrent_kind(sub, self.backend))
+        elif kind == "lstm":
+            self.copy_lstm_weights(source, traced)
+        else:
+            self.copy_recurrent_weights(source, traced, kind)
+
     def copy_lstm_weights(self, source_lstm, traced) -> None:
         """Copy kernel, recurrent kernel, bias (and stateful states) by role, checking shapes."""
-        pairs = [(source_lstm.cell.kernel, traced.rnn.cell.kernel),
-                 (source_lstm.cell.recurrent_kernel, traced.rnn.cell.recurrent_kernel)]
-        if source_lstm.cell.use_bias:
-            pairs.append((source_lstm.cell.bias, traced.rnn.cell.bias))
-        source_states = _state_variables(source_lstm)
-        pairs += list(zip(source_states, _state_variables(traced.rnn)))
-        for source, target in pairs:
-            value = np.asarray(self.backend.to_numpy(source))
-            if tuple(value.shape) != tuple(target.shape):
-                raise UnsupportedLayerError(
-                    f"Layer {source_lstm.name!r} (LSTM): weight {source.name!r} has shape {value.shape}, but the "
-                    f"traced copy expects {tuple(target.shape)}. This is a bug in lstm_rewrite; please report it."
-                )
+        self.copy_recurrent_weights(source_lstm, traced, "lstm")
+
+    def copy_recurrent_weights(self, source, traced, kind: str) -> None:
+        """`copy_lstm_weights` for every kind: per cell by role, a custom cell's weights in order."""
+        if kind == "stacked":
+            pairs = []
+            for source_cell, traced_cell in zip(source.cell.cells, traced.rnn.cell.cells):
+                pairs += self._cell_pairs(source, source_cell, traced_cell)
+        else:
+            pairs = self._cell_pairs(source, source.cell, traced.rnn.cell)
+        backend = self.backend
+        # Stateful states: a ConvLSTM's travel flat in the traced RNN, hence the reshape.
+        states = list(zip(backend.stateful_variables(source), backend.stateful_variables(traced.rnn)))
+        for source_weight, target, flat_ok in [(s, t, False) for s, t in pairs] + [(s, t, True) for s, t in states]:
+            value = np.asarray(backend.to_numpy(source_weight))
+            shape = tuple(target.shape)
+            if tuple(value.shape) != shape:
+                if not (flat_ok and value.size == math.prod(shape)):
+                    raise UnsupportedLayerError(
+                        f"Layer {source.name!r} ({describe_layer(source, backend)}): weight {source_weight.name!r} "
+                        f"has shape {value.shape}, but the traced copy expects {shape}. This is a bug in "
+                        f"lstm_rewrite; please report it."
+                    )
+                value = value.reshape(shape)
             target.assign(value)
 
+    def _cell_pairs(self, layer, source_cell, traced_cell) -> list:
+        if isinstance(traced_cell, self.backend.TracedCell):
+            source_weights, traced_weights = list(source_cell.weights), list(traced_cell.cell.weights)
+            if len(source_weights) != len(traced_weights):
+                raise UnsupportedLayerError(
+                    f"Layer {layer.name!r} ({describe_layer(layer, self.backend)}): the copy of its cell "
+                    f"{source_cell.name!r} made from get_config() has {len(traced_weights)} weights, the cell "
+                    f"{len(source_weights)}. Give the cell a get_config() that rebuilds it exactly, or exclude "
+                    f"the layer with layers=[...]. Received: {[w.name for w in source_weights]}"
+                )
+            return list(zip(source_weights, traced_weights))
+        roles = ["kernel", "recurrent_kernel"] + (["bias"] if source_cell.use_bias else [])
+        return [(getattr(source_cell, role), getattr(traced_cell, role)) for role in roles]
 
-def _state_variables(layer):
-    states = getattr(layer, "states", None)
-    if not getattr(layer, "stateful", False) or states is None:
-        return []
-    return [s for s in (states if isinstance(states, (list, tuple)) else [states]) if hasattr(s, "assign")]
+
+def conv_state_shape(layer, output_shape) -> tuple:
+    """One state's shape (no batch axis) of a ConvLSTM call whose first output has ``output_shape``."""
+    cell = layer.cell
+    rank = int(cell.rank)
+    if cell.data_format == "channels_first":
+        return (int(cell.filters),) + tuple(int(d) for d in output_shape[-rank:])
+    return tuple(int(d) for d in output_shape[-(rank + 1):-1]) + (int(cell.filters),)
 
 
 # --- the pass ----------------------------------------------------------------------------
@@ -292,12 +637,12 @@ class _Level:
 
 
 class RewritePass:
-    """Rebuild a model level by level, replacing the selected LSTM calls."""
+    """Rebuild a model level by level, replacing the selected recurrent calls."""
 
     def __init__(self, model, states=("c",), layers: LayerSelector = None, expose_masks: bool = False):
         self.backend = _backend_of(model)
         self.quantities = parse_states(states)
-        self.sites = plan_rewrite(model, layers)
+        self.sites = plan_rewrite(model, layers, states)
         self.select, _ = make_selector(layers)
         self.builder = ReplacementBuilder(self.backend, self.quantities, expose_masks)
         self.model = model
@@ -353,8 +698,8 @@ class RewritePass:
             args = backend.map_structure(new_tensor, list(data["args"]))
             kwargs = backend.map_structure(new_tensor, dict(data["kwargs"]))
             site = site_name(layer.name, data["call_index"])
-            kind = match_call(layer, backend)
-            if kind in ("lstm", "bidirectional") and self.select(prefix + site, layer):
+            kind = classify(layer, prefix + site, self.select, backend)
+            if (kind in RECURRENT_KINDS or kind == "bidirectional") and self.select(prefix + site, layer):
                 outputs, added = self._call_traced(layer, kind, site, data, args, kwargs)
             elif kind == "model":
                 outputs, added = self._call_nested(layer, site, prefix, args, kwargs, len(data["outputs"]))
@@ -406,35 +751,47 @@ class RewritePass:
         traced = self.layer_copies.get(id(layer))
         fresh = traced is None
         if fresh:
-            traced = builder.traced_bidirectional(layer) if kind == "bidirectional" else builder.traced_lstm(layer, layer.name)
+            output_shape = tuple(data["outputs"][0].shape)
+            if kind == "bidirectional":
+                traced = builder.traced_bidirectional(layer, output_shape)
+            elif kind == "lstm":
+                traced = builder.traced_lstm(layer, layer.name)
+            else:
+                traced = builder.traced(layer, kind, layer.name, output_shape=output_shape)
             self.layer_copies[id(layer)] = traced
         outputs = backend.flatten(backend.call_traced(traced, inputs, initial_state, mask, rest))
         if fresh:
-            if kind == "bidirectional":
-                builder.copy_lstm_weights(layer.forward_layer, traced.forward_layer)
-                builder.copy_lstm_weights(layer.backward_layer, traced.backward_layer)
-            else:
-                builder.copy_lstm_weights(layer, traced)
+            builder.copy_weights(layer, traced, kind)
         original_count = len(data["outputs"])
         extra = outputs[original_count:]
-        directions = [(f"{site}.forward", layer.forward_layer), (f"{site}.backward", layer.backward_layer)] \
-            if kind == "bidirectional" else [(site, layer)]
-        entries = []
-        for sub_site, lstm in directions:
-            entries += [ExposedOutput(output_name(sub_site, q), sub_site, q, "LSTM", int(lstm.units),
-                                      backend.dtype_policy(lstm)) for q in builder.quantities]
-        if builder.expose_masks:
-            if kind == "bidirectional":
-                # Forward and backward states were aligned to input time: one mask serves both,
-                # but each direction's output carries it so that selection per site stays simple.
-                per_direction = len(builder.quantities)
-                states_f = extra[:per_direction]
-                mask_f = extra[per_direction]
-                states_b = extra[per_direction + 1:2 * per_direction + 1]
-                mask_b = extra[2 * per_direction + 1]
-                extra = states_f + states_b + [mask_f, mask_b]
-            entries += [(sub_site, output_name(sub_site, MASK)) for sub_site, _ in directions]
-        return outputs[:original_count], list(zip(entries, extra))
+        if kind == "bidirectional":
+            directions = [(f"{site}.forward", layer.forward_layer), (f"{site}.backward", layer.backward_layer)]
+        else:
+            directions = [(site, layer)]
+        # Per direction the traced layer returns its exposed sequences, then (with expose_masks) its
+        # mask. States come first in the record, then one mask per exposed site; a Bidirectional's
+        # directions (aligned to input time) and a stack's cells each name the mask of their call.
+        states, masks, position = [], [], 0
+        for sub_site, sub in directions:
+            sub_kind = kind if kind != "bidirectional" else recurrent_kind(sub, backend)
+            unit_sites = []
+            for unit in exposed_units(sub, sub_kind, builder.quantities, backend):
+                unit_site = f"{sub_site}.{unit.suffix}" if unit.suffix else sub_site
+                layer_class = type(unit.cell).__name__ if unit.suffix else describe_layer(sub, backend)
+                for q in unit.quantities:
+                    tensor = extra[position]
+                    position += 1
+                    shape = tuple(int(d) for d in tensor.shape[2:])
+                    units = int(sub.cell.filters) if sub_kind == "conv_lstm" else shape[-1]
+                    entry = ExposedOutput(output_name(unit_site, q), unit_site, q, layer_class, units,
+                                          backend.dtype_policy(sub), shape)
+                    states.append((entry, tensor))
+                if unit.quantities:
+                    unit_sites.append(unit_site)
+            if builder.expose_masks:
+                masks += [((u, output_name(u, MASK)), extra[position]) for u in unit_sites]
+                position += 1
+        return outputs[:original_count], states + masks
 
     def _call_nested(self, model, site, prefix, args, kwargs, original_count):
         level = self.level_copies.get(id(model))
@@ -459,7 +816,7 @@ def _clone_layer(layer):
 
 
 def rewrite_model(model, states=("c",), layers: LayerSelector = None, expose_masks: bool = False):
-    """Rebuild ``model`` with every selected LSTM call traced. Returns ``(traced, RewriteRecord)``.
+    """Rebuild ``model`` with every selected recurrent call traced. Returns ``(traced, RewriteRecord)``.
 
     This is the pass alone, without verification; `lstm_rewrite.expose_cell_states` adds it.
 
