@@ -35,6 +35,19 @@ def two_direction_model(flavour: str):
     return k.Model(tokens, k.layers.Concatenate(name="cat")([f, b]))
 
 
+_TRACED: dict = {}
+
+
+def traced_model(flavour: str):
+    """The model and its traced copy (c, h, f of both layers), built once per flavour."""
+    from lstm_rewrite import expose_cell_states
+
+    if flavour not in _TRACED:
+        model = two_direction_model(flavour)
+        _TRACED[flavour] = model, expose_cell_states(model, states=("c", "h", "f"), expose_masks=True)
+    return _TRACED[flavour]
+
+
 def tokens_with_lengths():
     rng = np.random.default_rng(5)
     lengths = np.array([6, 2, 4, 5])
@@ -47,6 +60,7 @@ def tokens_with_lengths():
 def test_project_layout_and_values(flavour, tmp_path):
     model = two_direction_model(flavour)
     x, lengths = tokens_with_lengths()
+    # The original model, traced here: the capture knows that "back" runs backwards.
     cs = cell_states(model, x, states=("c", "h", "f"), progress=False)
     config_path = export_lstmvis(cs, tmp_path / "proj", tokens=x, vocab=WORDS, name="toy")
     assert config_path == str(tmp_path / "proj" / "lstm.yml")
@@ -88,9 +102,9 @@ def test_project_layout_and_values(flavour, tmp_path):
 
 
 def test_hdf5_backed_states_and_explicit_mask(flavour, tmp_path):
-    model = two_direction_model(flavour)
+    _, traced = traced_model(flavour)
     x, lengths = tokens_with_lengths()
-    with cell_states(model, x, layers="fwd", out=tmp_path / "s.h5", progress=False) as cs:
+    with cell_states(traced, x, states="c", layers="fwd", out=tmp_path / "s.h5", progress=False) as cs:
         export_lstmvis(cs, tmp_path / "a", tokens=x, vocab={i: w for i, w in enumerate(WORDS)})
         memory = {"fwd.c": np.asarray(cs["fwd.c"])}
     every_step = np.ones_like(x)
