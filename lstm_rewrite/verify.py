@@ -67,8 +67,7 @@ def verify(model, traced, inputs=None) -> VerificationReport:
         >>> report.ok
         True
     """
-    if inputs is None:
-        inputs = synthesize_inputs(model)
+    inputs = synthesize_inputs(model) if inputs is None else checked_inputs(model, inputs)
     saved = _save_states(model) + _save_states(traced)
     try:
         expected = _run(model, inputs)
@@ -102,6 +101,27 @@ def check(model, traced, inputs=None) -> VerificationReport:
             f"The rewrite does not handle something in this model; please report it with the model's summary. "
             f"Pass verify=False to get the traced model anyway.", report)
     return report
+
+
+def checked_inputs(model, inputs):
+    """Validate caller-supplied verification inputs and arrange them as ``model`` expects.
+
+    The checks are those of `lstm_rewrite.capture.cell_states` (number of arrays, rank, sizes,
+    dtype, empty, NaN/Inf), so that a bad batch gets a message naming the input and the fix rather
+    than a TensorFlow trace. NaN and Inf are refused because they would make the comparison
+    vacuous: a NaN output "agrees" with a NaN output.
+
+    Raises:
+        DataError: naming the input, what was expected and what was received.
+
+    Example:
+        >>> x = checked_inputs(model, np.zeros((2, 5, 4)))
+    """
+    from .capture import _input_specs, _validate_batch
+
+    specs = _input_specs(model)
+    arrays = _validate_batch(inputs, specs, "passed as sample_inputs")
+    return _like_input_structure(model, [arrays[spec.name] for spec in specs])
 
 
 def synthesize_inputs(model, batch_size: int = DEFAULT_BATCH, time_steps: int = DEFAULT_TIME, seed: int = 0):
