@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
+
 from . import backends
+from .errors import InvalidArgumentError
 from .rewrite import LayerSelector, rewrite_model
 from .verify import check
 
@@ -40,13 +44,25 @@ def expose_cell_states(
 
     Raises:
         UnsupportedModelError, UnsupportedLayerError: what the rewrite cannot handle, by name.
-        InvalidArgumentError: an unknown state or layer name.
+        InvalidArgumentError: an unknown state or layer name, or a file name instead of a model.
+        DataError: ``sample_inputs`` that do not fit the model (count, shape, dtype, empty, NaN/Inf).
         VerificationError: the traced model's original outputs differ.
 
     Example:
         >>> traced = expose_cell_states(model, states=("c", "h", "gates"), layers=["encoder"])
         >>> outputs = traced.predict(x)   # original outputs first, then the state sequences
     """
+    if isinstance(model, (str, bytes, os.PathLike)):
+        # A common slip: the model's file instead of the model. Say how to load it.
+        raise InvalidArgumentError(
+            f"expose_cell_states takes a Keras model, not a file name. Load the file first: "
+            f"model = lstm_rewrite.loading.load_model({os.fsdecode(model)!r}). Received: {model!r}"
+        )
+    if not (layers is None or isinstance(layers, str) or callable(layers) or isinstance(layers, Iterable)):
+        raise InvalidArgumentError(
+            f"layers= takes a layer name, a list of names or a predicate (a function of the layer). "
+            f"Received: layers={layers!r} of type {type(layers).__name__}"
+        )
     traced, record = rewrite_model(model, states=states, layers=layers, expose_masks=expose_masks)
     if verify:
         record.verification = check(model, traced, sample_inputs)

@@ -10,6 +10,7 @@ Models with a float16 or bfloat16 compute dtype get ``atol=rtol=1e-2`` (float16'
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
@@ -121,6 +122,15 @@ def checked_inputs(model, inputs):
 
     specs = _input_specs(model)
     arrays = _validate_batch(inputs, specs, "passed as sample_inputs")
+    fixed = _fixed_batch(list(model.inputs))
+    rows = next(iter(arrays.values())).shape[0]
+    if fixed is not None and rows != fixed:
+        # A stateful model is built for one batch size; Keras' own error names no input.
+        raise DataError(
+            f"Model {model.name!r} is built for batches of exactly {fixed} sequences (a stateful recurrent "
+            f"layer or a fixed batch_shape), but sample_inputs holds {rows}. Pass {fixed} sequences. "
+            f"Received: {[f'{n} {tuple(a.shape)}' for n, a in arrays.items()]}"
+        )
     return _like_input_structure(model, [arrays[spec.name] for spec in specs])
 
 
@@ -201,8 +211,8 @@ def _run(model, inputs) -> list:
         outputs = model(inputs, training=False)
     except (ValueError, TypeError) as error:
         raise DataError(
-            f"Model {model.name!r} could not run on the verification inputs: {error}. Pass sample_inputs= with "
-            f"arrays shaped like the model's inputs {[tuple(t.shape) for t in model.inputs]}."
+            f"Model {model.name!r} could not run on the verification inputs: {_first_line(error)}. Pass "
+            f"sample_inputs= with arrays shaped like the model's inputs {[tuple(t.shape) for t in model.inputs]}."
         ) from error
     if isinstance(outputs, dict):
         outputs = list(outputs.values())
@@ -210,6 +220,14 @@ def _run(model, inputs) -> list:
         outputs = [outputs]
     to_numpy = backends.for_model(model).to_numpy
     return [np.asarray(to_numpy(o)) for o in outputs]
+
+
+def _first_line(error) -> str:
+    """The gist of a Keras error: without terminal colour codes and the "Arguments received" dump."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("Exception encountered when calling")]
+    return (lines[0] if lines else type(error).__name__)[:300]
 
 
 def _tolerance(model):
