@@ -218,9 +218,10 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
 
         def call(self, inputs, states, training=False):
             shape = (-1,) + self.state_shape
-            h_tm1 = ops.reshape(states[0], shape)
+            # Dropout on the flat h: the RNN prepares the recurrent dropout mask from the flat state.
+            inputs, h_in = dropout_masks(self, inputs, states[0], training)
+            h_tm1, h_in = ops.reshape(states[0], shape), ops.reshape(h_in, shape)
             c_tm1 = ops.reshape(states[1], shape)
-            inputs, h_in = dropout_masks(self, inputs, h_tm1, training)
             kernels = ops.split(self.kernel, 4, axis=self.rank + 1)
             recurrent_kernels = ops.split(self.recurrent_kernel, 4, axis=self.rank + 1)
             biases = ops.split(self.bias, 4) if self.use_bias else [None] * 4
@@ -457,14 +458,22 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
                 parts.append(part)
             return parts
 
-        def _flat_states(self, states):
-            if states is None or not self.state_shapes:
-                return states
-            return [ops.reshape(s, (-1, math.prod(shape))) for s, shape in zip(states, self.state_shapes)]
+        def _inner_states(self, states):
+            """The flat list of initial states as the inner RNN takes them: flattened per state
+            for a convolutional cell, nested like the cell's state_size for stacked cells."""
+            if states is None:
+                return None
+            if self.state_shapes:
+                states = [ops.reshape(s, (-1, math.prod(shape))) for s, shape in zip(states, self.state_shapes)]
+            structure = self.rnn.cell.state_size
+            if isinstance(structure, (list, tuple)) and len(tree.flatten(structure)) != len(structure):
+                # tf-keras counts initial states per cell of a stack.
+                states = tree.pack_sequence_as(list(structure), list(states))
+            return states
 
         def call(self, inputs, initial_state=None, mask=None, training=None):
             mask = _first_mask(mask)
-            results = self.rnn(inputs, initial_state=self._flat_states(initial_state), mask=mask, training=training)
+            results = self.rnn(inputs, initial_state=self._inner_states(initial_state), mask=mask, training=training)
             sequence, final_states = results[0], list(tree.flatten(list(results[1:])))
             if self.state_shapes:
                 final_states = [ops.reshape(s, (-1,) + shape) for s, shape in zip(final_states, self.state_shapes)]

@@ -503,7 +503,8 @@ class ReplacementBuilder:
                 cell = row.traced_cell.from_config({**unit.cell.get_config(), "extras": list(unit.quantities)})
                 emitted, widths = unit.quantities, [int(unit.cell.units)] * len(unit.quantities)
             else:
-                cell = backend.TracedCell(copy_cell(unit.cell), name=f"traced_{unit.cell.name}")
+                cell = backend.TracedCell(copy_cell(unit.cell), name=f"traced_{unit.cell.name}",
+                                          dtype=backend.dtype_policy(unit.cell))
                 emitted, widths = cell.extras, cell.state_widths
             cells.append(cell)
             extras += [f"{unit.suffix}.{q}" for q in emitted]
@@ -511,7 +512,7 @@ class ReplacementBuilder:
             exposed += [f"{unit.suffix}.{q}" for q in unit.quantities]
             state_index.update({f"{unit.suffix}.{q}": offset + k for q, k in unit.family.state_index.items()})
             offset += len(_flat_sizes(unit.cell.state_size))
-        stack = backend.TracedStackedCells(cells, name=layer.cell.name)
+        stack = backend.TracedStackedCells(cells, name=layer.cell.name, dtype=backend.dtype_policy(layer.cell))
         return self._wrap(layer, name, stack, return_sequences, return_state, extras=extras, exposed=exposed,
                           state_index=state_index, output_alias=None,
                           part_sizes=[stack.step_output_size] + sizes, state_count=offset)
@@ -519,7 +520,8 @@ class ReplacementBuilder:
     def traced_generic(self, layer, name: str, return_sequences=None, return_state=None):
         """A TracedRNN over a TracedCell wrapping a copy of ``layer``'s custom cell."""
         (unit,) = exposed_units(layer, "generic", self.quantities, self.backend)
-        cell = self.backend.TracedCell(copy_cell(layer.cell), name=f"traced_{layer.cell.name}")
+        cell = self.backend.TracedCell(copy_cell(layer.cell), name=f"traced_{layer.cell.name}",
+                                       dtype=self.backend.dtype_policy(layer.cell))
         return self._wrap(layer, name, cell, return_sequences, return_state, extras=cell.extras,
                           exposed=unit.quantities, state_index=unit.family.state_index, output_alias=None,
                           part_sizes=[cell.step_output_size, *cell.state_widths],

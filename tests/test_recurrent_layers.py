@@ -265,12 +265,14 @@ def test_conv_lstm1d_go_backwards(flavour):
     """ConvLSTM1D against the 2-D reference over a width-1 axis."""
     keras, layers = flavour.keras, flavour.layers
     inputs = keras.Input((None, 5, 2))
-    conv = layers.ConvLSTM1D(3, 2, go_backwards=True, bias_initializer="glorot_uniform", name="conv")
+    conv = layers.ConvLSTM1D(3, 2, go_backwards=True, bias_initializer="glorot_uniform", dropout=0.2,
+                             recurrent_dropout=0.2, name="conv")
     model = keras.Model(inputs, conv(inputs))
     x = rng.standard_normal((2, 3, 5, 2)).astype("float32")
     guard = Untouched(model, x)
 
-    traced = expose_cell_states(model, states=("c", "f"))
+    # sample_inputs of the same batch: tf-keras' ConvLSTM keeps dropout masks across batch sizes.
+    traced = expose_cell_states(model, states=("c", "f"), sample_inputs=x)
 
     named = outputs_by_name(traced, x)
     assert named["conv.c"].shape == (2, 3, 4, 3)  # (batch, time, rows', filters)
@@ -282,6 +284,8 @@ def test_conv_lstm1d_go_backwards(flavour):
                            recurrent_activation=activation_name(cell.recurrent_activation), flavour=flavour.name)
     assert_match(named, "conv", {q: expected[q][:, :, :, 0] for q in ("c", "f")}, ("c", "f"))
     np.testing.assert_allclose(named["conv"], expected["last_output"][:, :, 0], atol=1e-5)
+    # Training mode runs too (dropout on the traced cell's flat states).
+    assert [np.shape(o) for o in traced(x, training=True)] == [(2, 4, 3), (2, 3, 4, 3), (2, 3, 4, 3)]
     guard.check()
 
 
@@ -345,6 +349,52 @@ def test_stacked_cells_masked(flavour):
     assert_match(named, "stack.cell0", lower, ("c", "h"))
     assert_match(named, "stack.cell1", upper, ("h", "z"))
     np.testing.assert_array_equal(named["stack.cell1.mask"], mask.astype("float32"))
+    guard.check()
+
+
+def test_stacked_cells_initial_state_go_backwards(flavour):
+    keras, layers = flavour.keras, flavour.layers
+    x_in = keras.Input((None, 3), name="x")
+    h0, c0, g0 = keras.Input((2,), name="h0"), keras.Input((2,), name="c0"), keras.Input((3,), name="g0")
+    stack = layers.RNN(layers.StackedRNNCells([layers.LSTMCell(2), layers.GRUCell(3)]), return_sequences=True,
+                       go_backwards=True, name="stack")
+    model = keras.Model([x_in, h0, c0, g0], stack(x_in, initial_state=[[h0, c0], [g0]]))
+    inputs = [float_batch(batch=2, time=4), *(rng.standard_normal((2, d)).astype("float32") for d in (2, 2, 3))]
+    guard = Untouched(model, inputs)
+
+    named = outputs_by_name(expose_cell_states(model, states=("c", "h"), sample_inputs=inputs), inputs)
+
+    from reference import gru, lstm
+
+    lstm_cell, gru_cell = stack.cell.cells
+    lower = lstm(inputs[0], *cell_weights(lstm_cell), go_backwards=True, initial_state=inputs[1:3],
+                 flavour=flavour.name)
+    upper = gru(lower["output"], *cell_weights(gru_cell), initial_state=inputs[3], flavour=flavour.name)
+    assert_match(named, "stack.cell0", lower, ("c", "h"))
+    assert_match(named, "stack.cell1", upper, ("h",))
+    guard.check()
+
+
+def test_mixed_float16_gru_and_stack(flavour):
+    keras, layers = flavour.keras, flavour.layers
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        inputs = keras.Input((None, 3))
+        gru = layers.GRU(3, return_sequences=True, name="gru")
+        stack = layers.RNN([layers.SimpleRNNCell(2), layers.GRUCell(2)], name="stack")
+        model = keras.Model(inputs, layers.Dense(1, dtype="float32", name="head")(stack(gru(inputs))))
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    x = float_batch()
+    guard = Untouched(model, x)
+
+    named = outputs_by_name(expose_cell_states(model, states=("c", "gates")), x)
+
+    assert named["gru.z"].dtype == np.float16 and named["stack.cell1.h"].dtype == np.float16
+    np.testing.assert_allclose(named["head"], guard.outputs[0], atol=1e-2)
+    expected = reference_gru(gru, x, flavour.name)
+    np.testing.assert_allclose(named["gru.h"].astype(np.float64), expected["h"], atol=3e-2)
     guard.check()
 
 
