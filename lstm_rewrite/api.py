@@ -20,30 +20,57 @@ def expose_cell_states(
     sample_inputs=None,
     expose_masks: bool = False,
 ):
-    """Return a copy of ``model`` that also outputs every LSTM's states at every time step.
+    """Return a copy of ``model`` that also outputs every recurrent layer's states at every time step.
 
     The traced model's outputs are the original outputs (same order, names and values), then one
-    output per exposed quantity, shape ``[batch, time, units]``, named ``<layer>.<quantity>``:
-    ``encoder.c``, ``bi.forward.c`` / ``bi.backward.c``, ``shared.call1.c``, ``body.inner.c``.
+    output per exposed quantity, shape ``[batch, time, units]`` (``[batch, time, *spatial,
+    filters]`` for ConvLSTM), named ``<layer>.<quantity>``: ``encoder.c``, ``bi.forward.c`` /
+    ``bi.backward.c``, ``shared.call1.c``, ``body.inner.c``, ``gru.h``, ``stack.cell1.c``.
     The input model is never changed.
 
+    Recurrent layers: LSTM, GRU (either ``reset_after``), SimpleRNN, ConvLSTM1D/2D/3D, ``RNN``
+    over an LSTMCell, GRUCell or SimpleRNNCell (named like the matching layer), ``RNN`` over
+    ``StackedRNNCells`` (``<layer>.cell0.<q>``, ``<layer>.cell1.<q>``, ...), and ``RNN`` over a
+    custom cell whose states are flat vectors (``<layer>.state0``, ``<layer>.state1``, ...: its
+    flattened state list); each of them inside ``Bidirectional`` and nested models too.
+
+    What ``states`` means for each layer:
+
+    - ``"c"`` (the default) is each layer's recurrent state: c for LSTM and ConvLSTM, h for GRU
+      and SimpleRNN (they have no c), every state of a custom cell. ``"h"`` is the hidden state
+      (every state of a custom cell), so ``("c", "h")`` gives a GRU's h once.
+    - ``"gates"`` is each layer's own gates: i, f, g, o for LSTM and ConvLSTM; z (update),
+      r (reset), n (candidate) for GRU; none for SimpleRNN or a custom cell.
+    - Other names a layer lacks are skipped for that layer (``("c", "z")`` gives an LSTM's c and a
+      GRU's h and z). A request that names nothing a selected layer has (``"gates"`` for a
+      SimpleRNN) raises InvalidArgumentError naming that layer; exclude it with ``layers=``. In
+      ``StackedRNNCells`` a cell may expose nothing as long as one cell of the stack does.
+
+    On masked steps the states carry over (the initial state before the first valid step) and
+    the gates keep their last valid value (zero before the first valid step).
+
     Args:
-        model: a functional or Sequential model, Keras 3 or tf-keras, with at least one LSTM.
+        model: a functional or Sequential model, Keras 3 or tf-keras, with at least one recurrent
+            layer.
         states: which quantities to expose: any of ``"c"``, ``"h"``, ``"i"``, ``"f"``, ``"g"``,
-            ``"o"``, and ``"gates"`` for the four gates.
-        layers: which LSTMs: a name, a list of names (layer names or dotted sites) or a predicate
-            on the layer; None for all.
+            ``"o"``, ``"z"``, ``"r"``, ``"n"``, ``"state0"``, ``"state1"``, ..., and ``"gates"``
+            (see above).
+        layers: which recurrent layers: a name, a list of names (layer names or dotted sites) or
+            a predicate on the layer; None for all.
         verify: run both models on ``sample_inputs`` and raise if an original output differs.
         sample_inputs: inputs for the verification; synthesized from the input specs when None.
-        expose_masks: also add, per exposed call, ``<site>.mask`` of shape ``[batch, time]``
-            (1.0 on valid steps), in the same time order as that call's states.
+        expose_masks: also add, per exposed call (per direction of a Bidirectional, per cell of a
+            stack), ``<site>.mask`` of shape ``[batch, time]`` (1.0 on valid steps), in the same
+            time order as that call's states.
 
     Returns:
         A Keras model of the same flavour as ``model``; ``traced.rewrite_record`` describes what
         was added (see `lstm_rewrite.rewrite.RewriteRecord`).
 
     Raises:
-        UnsupportedModelError, UnsupportedLayerError: what the rewrite cannot handle, by name.
+        UnsupportedModelError, UnsupportedLayerError: what the rewrite cannot handle, by name (e.g.
+            a custom cell with nested or non-vector states, or one that cannot be rebuilt from
+            its config).
         InvalidArgumentError: an unknown state or layer name, or a file name instead of a model.
         DataError: ``sample_inputs`` that do not fit the model (count, shape, dtype, empty, NaN/Inf).
         VerificationError: the traced model's original outputs differ.
