@@ -19,9 +19,32 @@ from .errors import (
 )
 from .verify import VerificationReport, verify
 
+# The later stages load on first use, so that `import lstm_rewrite` (and the CLI's --help) stays
+# quick and a model-only user never imports h5py or matplotlib.
+_LAZY = {
+    "cell_states": "capture",
+    "CellStates": "capture",
+    "iter_state_batches": "capture",
+    "load_model": "loading",
+    "export_lstmvis": "lstmvis",
+    "audit": "audit",
+    "AuditReport": "audit",
+    "AuditThresholds": "audit",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'lstm_rewrite' has no attribute {name!r}")
+
+
 __all__ = [
     "expose_cell_states",
     "verify",
+    *_LAZY,
     "VerificationReport",
     "LstmRewriteError",
     "InvalidArgumentError",
