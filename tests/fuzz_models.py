@@ -63,6 +63,7 @@ class RecurrentKind:
         name: the spec's ``kind`` ("lstm").
         layer_class: the Keras class name (the same in both flavours).
         quantities: what ``expose_cell_states`` can expose for it, in output order.
+        gates: the quantities ``states=("gates",)`` stands for on this kind.
         state_names: its state list, in ``return_state`` / ``initial_state`` order.
         draw_cell_config: ``draw -> dict`` of the cell's own arguments (units, activations, ...).
         reference: ``(layer, x, mask, initial_state, flavour, zero_output_for_mask) -> dict`` from
@@ -73,6 +74,7 @@ class RecurrentKind:
     name: str
     layer_class: str
     quantities: tuple
+    gates: tuple
     state_names: tuple
     draw_cell_config: Callable
     reference: Callable
@@ -91,6 +93,7 @@ def _draw_lstm_config(draw) -> dict:
         "bias_initializer": draw(st.sampled_from(["zeros", "random_normal"])),
         # Dropout only acts in training: the traced model must ignore it at inference, as Keras does.
         "dropout": draw(st.sampled_from([0.0, 0.0, 0.0, 0.25])),
+        "recurrent_dropout": draw(st.sampled_from([0.0, 0.0, 0.0, 0.25])),
     }
 
 
@@ -105,8 +108,8 @@ def _lstm_reference(layer, x, mask, initial_state, flavour, zero_output_for_mask
     )
 
 
-LSTM_KIND = RecurrentKind("lstm", "LSTM", ("c", "h", "i", "f", "g", "o"), ("h", "c"), _draw_lstm_config,
-                          _lstm_reference)
+LSTM_KIND = RecurrentKind("lstm", "LSTM", ("c", "h", "i", "f", "g", "o"), ("i", "f", "g", "o"), ("h", "c"),
+                          _draw_lstm_config, _lstm_reference)
 
 #: The recurrent kinds the generator draws from, by spec name.
 RECURRENT_KINDS: dict[str, RecurrentKind] = {"lstm": LSTM_KIND}
@@ -733,18 +736,16 @@ SAME_TOLERANCE = dict(atol=1e-5, rtol=1e-4)  # the library's own verification to
 
 def expected_exposed(spec, sites) -> tuple[dict, dict]:
     """``(states, masks)``: output name -> expected array, for what ``spec["expose"]`` asks."""
-    from lstm_rewrite.naming import parse_states
-
     expose = spec["expose"]
-    quantities = parse_states(expose["states"])
     selected = expose["layers"]
     expected = {}
     for site in sites:
         if selected is not None and not set(selected) & set(site.layer_names):
             continue
-        for q in quantities:
-            if q in site.kind.quantities:
-                expected[f"{site.site}.{q}"] = site.result[q]
+        for requested in expose["states"]:
+            for q in site.kind.gates if requested == "gates" else (requested,):
+                if q in site.kind.quantities:
+                    expected[f"{site.site}.{q}"] = site.result[q]
     masks = {}
     if expose["expose_masks"]:
         for site in sites:
