@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from . import backends
 from .errors import InvalidArgumentError
+from .reconstruct import resolve_method
 from .rewrite import LayerSelector, rewrite_model
 from .verify import check
 
@@ -19,6 +20,7 @@ def expose_cell_states(
     verify: bool = True,
     sample_inputs=None,
     expose_masks: bool = False,
+    method: str = "auto",
 ):
     """Return a copy of ``model`` that also outputs every recurrent layer's states at every time step.
 
@@ -62,6 +64,12 @@ def expose_cell_states(
         expose_masks: also add, per exposed call (per direction of a Bidirectional, per cell of a
             stack), ``<site>.mask`` of shape ``[batch, time]`` (1.0 on valid steps), in the same
             time order as that call's states.
+        method: how LSTMs are rewritten. ``"trace"`` runs the LSTM step as a traced cell in a
+            generic RNN loop (exact on any device; on a GPU it gives up cuDNN). ``"reconstruct"``
+            keeps Keras's own LSTM (cuDNN on a GPU) for h and rebuilds c and the gates from it
+            outside the recurrence (`lstm_rewrite.reconstruct`); stateful LSTMs and LSTMs with
+            recurrent dropout are traced anyway. ``"auto"`` (the default) reconstructs when
+            TensorFlow sees a GPU and traces otherwise. Other recurrent layers are always traced.
 
     Returns:
         A Keras model of the same flavour as ``model``; ``traced.rewrite_record`` describes what
@@ -90,7 +98,9 @@ def expose_cell_states(
             f"layers= takes a layer name, a list of names or a predicate (a function of the layer). "
             f"Received: layers={layers!r} of type {type(layers).__name__}"
         )
-    traced, record = rewrite_model(model, states=states, layers=layers, expose_masks=expose_masks)
+    method = resolve_method(method)
+    traced, record = rewrite_model(model, states=states, layers=layers, expose_masks=expose_masks, method=method)
+    record.method = method
     if verify:
         record.verification = check(model, traced, sample_inputs)
     traced.rewrite_record = record

@@ -667,8 +667,13 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
         "TracedCell": TracedCell,
         "TracedStackedCells": TracedStackedCells,
     }
-    return {
+    classes = {
         **TRACED_CELLS,
         "TracedRNN": TracedRNN,
         "TracedBidirectional": TracedBidirectional,
     }
+    # The GPU fast path's layers (method="reconstruct"), defined and registered with these.
+    from .reconstruct import define_reconstructed_layers
+
+    classes.update(define_reconstructed_layers(keras, classes))
+    return classes

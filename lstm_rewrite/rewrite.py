@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Union
 
 import numpy as np
 
-from . import backends
+from . import backends, reconstruct
 from .cells import (
     CONV_LSTM_FAMILY,
     GRU_FAMILY,
@@ -453,11 +453,12 @@ class ReplacementBuilder:
     order of `exposed_units`; weights are copied once it is built (`copy_weights`).
     """
 
-    def __init__(self, backend, quantities: tuple, expose_masks: bool):
+    def __init__(self, backend, quantities: tuple, expose_masks: bool, method: str = "trace"):
         self.backend = backend
         self.quantities = quantities  # the parsed states= request; each layer takes what it has
         self.extras = tuple(q for q in quantities_for(quantities, LSTM_FAMILY) if q != "h")
         self.expose_masks = expose_masks
+        self.method = method  # "trace" or "reconstruct" (the GPU fast path, LSTM only)
         self.rows = {row.kind: row for row in cell_kinds(backend)}
 
     def traced(self, layer, kind: str, name: str, return_sequences=None, return_state=None, output_shape=None):
@@ -469,7 +470,18 @@ class ReplacementBuilder:
         return build(layer, name, return_sequences, return_state)
 
     def traced_lstm(self, lstm, name: str, return_sequences=None, return_state=None):
-        """A TracedRNN configured like ``lstm`` (an LSTM or RNN(LSTMCell); unbuilt, weights not copied)."""
+        """A TracedRNN configured like ``lstm`` (an LSTM or RNN(LSTMCell); unbuilt, weights not copied).
+
+        With ``method="reconstruct"`` a ReconstructedLSTM instead, where it supports the layer.
+        """
+        if self.method == "reconstruct" and reconstruct.unsupported_reason(lstm) is None:
+            return reconstruct.reconstructed_lstm(
+                self.backend, lstm, name, quantities_for(self.quantities, self.rows["lstm"].family),
+                expose_mask=self.expose_masks,
+                return_sequences=lstm.return_sequences if return_sequences is None else return_sequences,
+                return_state=lstm.return_state if return_state is None else return_state,
+                dtype=self.backend.dtype_policy(lstm),
+            )
         return self._traced_single(lstm, name, self.rows["lstm"], return_sequences, return_state)
 
     def traced_gru(self, gru, name: str, return_sequences=None, return_state=None):
@@ -533,7 +545,7 @@ class ReplacementBuilder:
         for name, sub in (("forward", bi.forward_layer), ("backward", bi.backward_layer)):
             kind = recurrent_kind(sub, self.backend, owner=bi)
             directions.append(self.traced(sub, kind, name, bi.return_sequences, bi.return_state, output_shape))
-        return self.backend.TracedBidirectional(
+        return reconstruct.bidirectional_class(self.backend, directions)(
             *directions, merge_mode=bi.merge_mode, return_sequences=bi.return_sequences,
             return_state=bi.return_state, name=bi.name, dtype=self.backend.dtype_policy(bi),
         )
@@ -641,12 +653,13 @@ class _Level:
 class RewritePass:
     """Rebuild a model level by level, replacing the selected recurrent calls."""
 
-    def __init__(self, model, states=("c",), layers: LayerSelector = None, expose_masks: bool = False):
+    def __init__(self, model, states=("c",), layers: LayerSelector = None, expose_masks: bool = False,
+                 method: str = "trace"):
         self.backend = _backend_of(model)
         self.quantities = parse_states(states)
         self.sites = plan_rewrite(model, layers, states)
         self.select, _ = make_selector(layers)
-        self.builder = ReplacementBuilder(self.backend, self.quantities, expose_masks)
+        self.builder = ReplacementBuilder(self.backend, self.quantities, expose_masks, method)
         self.model = model
         self.layer_copies = {}  # id(original layer) -> its copy (or traced replacement)
         self.level_copies = {}  # id(nested model) -> _Level
@@ -817,14 +830,16 @@ def _clone_layer(layer):
         return layer
 
 
-def rewrite_model(model, states=("c",), layers: LayerSelector = None, expose_masks: bool = False):
+def rewrite_model(model, states=("c",), layers: LayerSelector = None, expose_masks: bool = False,
+                  method: str = "trace"):
     """Rebuild ``model`` with every selected recurrent call traced. Returns ``(traced, RewriteRecord)``.
 
     This is the pass alone, without verification; `lstm_rewrite.expose_cell_states` adds it.
+    ``method`` is "trace" or "reconstruct" (see `lstm_rewrite.reconstruct`), already resolved.
 
     Example:
         >>> traced, record = rewrite_model(model, states=("c", "h"))
         >>> record.output_names
         ['encoder.c', 'encoder.h']
     """
-    return RewritePass(model, states, layers, expose_masks).run()
+    return RewritePass(model, states, layers, expose_masks, method).run()

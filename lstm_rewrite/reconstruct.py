@@ -1,0 +1,343 @@
+"""Reconstruction, the GPU fast path of the rewrite: run the LSTM as Keras does and rebuild c and the gates.
+
+`method="trace"` replaces an LSTM by a generic RNN loop over a traced cell, which on a GPU gives up
+cuDNN. `method="reconstruct"` keeps a copy of the LSTM itself (so cuDNN runs it wherever Keras
+would) for the h sequence, then recovers everything else outside the recurrence:
+
+1. h carried over masked steps (cuDNN writes zeros at padded steps where the generic loop repeats
+   the previous output, so the raw output cannot serve as h_{t-1});
+2. all gates of all steps in one batched matmul, ``z = x_t @ W + h_{t-1} @ U + b``;
+3. c by its linear recurrence ``c_t = f_t * c_{t-1} + i_t * g_t`` (carried on masked steps),
+   solved by a parallel prefix scan in ceil(log2 T) elementwise rounds. The scan multiplies and
+   adds, never divides, so it is as safe as the loop (a cumulative product of forget gates divided
+   back out would not be).
+
+The layers are written once and defined per Keras flavour by `define_reconstructed_layers`, which
+`cells.define_traced_layers` calls, so the backends register them with the traced layers. Their
+outputs have `TracedRNN`'s layout, and verification covers them like any traced layer.
+"""
+
+from __future__ import annotations
+
+from .cells import LSTM_STATE_INDEX
+from .errors import InvalidArgumentError
+
+METHODS = ("auto", "trace", "reconstruct")
+
+# Per flavour (keras module name) -> the classes `define_reconstructed_layers` made for it.
+_DEFINED: dict = {}
+
+
+def gpu_visible() -> bool:
+    """Whether TensorFlow sees a GPU (what ``method="auto"`` decides on).
+
+    Example:
+        >>> method = "reconstruct" if gpu_visible() else "trace"
+    """
+    import tensorflow as tf
+
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def resolve_method(method: str) -> str:
+    """``"auto"`` -> ``"reconstruct"`` when a GPU is visible, else ``"trace"``; others as given.
+
+    Raises:
+        InvalidArgumentError: for a name not in ``METHODS``.
+
+    Example:
+        >>> resolve_method("trace")
+        'trace'
+    """
+    if method not in METHODS:
+        raise InvalidArgumentError(
+            f"method= is one of {list(METHODS)}: 'trace' runs a traced copy of the cell's loop (exact on any "
+            f"device), 'reconstruct' keeps Keras's own LSTM kernel (cuDNN on a GPU) and rebuilds the states "
+            f"from its outputs, 'auto' picks 'reconstruct' when a GPU is visible. Received: method={method!r}"
+        )
+    if method == "auto":
+        return "reconstruct" if gpu_visible() else "trace"
+    return method
+
+
+def unsupported_reason(lstm) -> str | None:
+    """Why ``lstm`` cannot be reconstructed (the rewrite then traces it), or None when it can.
+
+    A stateful layer keeps its states in variables the reconstruction would have to read before the
+    call; recurrent dropout keeps Keras off cuDNN anyway, so the traced loop is as fast and exact.
+    """
+    if getattr(lstm, "stateful", False):
+        return "stateful"
+    if float(getattr(lstm, "recurrent_dropout", 0.0) or 0.0) > 0.0:
+        return "recurrent_dropout"
+    if getattr(lstm, "time_major", False):
+        return "time_major"
+    return None
+
+
+def classes_for(backend) -> dict:
+    """The reconstructed layer classes of ``backend``'s flavour (defined when its module loaded)."""
+    return _DEFINED[backend.keras.__name__]
+
+
+def reconstructed_lstm(backend, lstm, name: str, exposed, *, expose_mask: bool, return_sequences: bool,
+                       return_state: bool, dtype: str):
+    """A ReconstructedLSTM standing in for ``lstm`` (unbuilt; the rewrite copies the weights).
+
+    Example:
+        >>> layer = reconstructed_lstm(backend, lstm, "encoder", ("c", "h"), expose_mask=False,
+        ...                            return_sequences=True, return_state=False, dtype="float32")
+    """
+    config = {**lstm.get_config(), "return_sequences": True, "return_state": True, "name": "rnn"}
+    rnn = type(lstm).from_config(config)
+    return classes_for(backend)["ReconstructedLSTM"](
+        rnn, exposed=tuple(exposed), return_sequences=return_sequences, return_state=return_state,
+        expose_mask=expose_mask, name=name, dtype=dtype,
+    )
+
+
+def bidirectional_class(backend, directions):
+    """The Bidirectional class for two built directions: ReconstructedBidirectional when either is
+    a ReconstructedLSTM (it knows how to load them), else the backend's TracedBidirectional."""
+    classes = classes_for(backend)
+    if any(isinstance(d, classes["ReconstructedLSTM"]) for d in directions):
+        return classes["ReconstructedBidirectional"]
+    return backend.TracedBidirectional
+
+
+def define_reconstructed_layers(keras, traced: dict) -> dict:
+    """Define ReconstructedLSTM and ReconstructedBidirectional for one Keras flavour.
+
+    Args:
+        keras: the ``keras`` (Keras 3) or ``tf_keras`` module.
+        traced: the classes `cells.define_traced_layers` made for the same flavour.
+
+    Returns:
+        A dict of the two classes, keyed by class name.
+    """
+    import tensorflow as tf
+
+    layers = keras.layers
+
+    class ReconstructedLSTM(layers.Layer):
+        """An LSTM call rewritten to run the LSTM itself and rebuild its states from its h sequence.
+
+        Wraps ``rnn``, a copy of the user's LSTM configured with ``return_sequences=True`` and
+        ``return_state=True`` (everything else, mask handling included, as the user's, so Keras
+        picks the same kernel for it). Outputs have `TracedRNN`'s layout:
+
+            [output, *final_states (if return_state), *exposed, mask (if expose_mask)]
+
+        with the exposed sequences ``[batch, time, units]`` in processing order.
+        """
+
+        def __init__(self, rnn, exposed=(), return_sequences=False, return_state=False,
+                     expose_mask=False, **kwargs):
+            super().__init__(**kwargs)
+            self.rnn = rnn
+            self.exposed = tuple(exposed)
+            self.state_index = dict(LSTM_STATE_INDEX)
+            self.return_sequences = return_sequences
+            self.return_state = return_state
+            self.expose_mask = expose_mask
+            self.supports_masking = True
+
+        def build(self, input_shape):
+            if not self.rnn.built:
+                self.rnn.build(input_shape)
+            self.built = True
+
+        @property
+        def go_backwards(self):
+            return self.rnn.go_backwards
+
+        @property
+        def num_states(self):
+            return 2
+
+        @tf.autograph.experimental.do_not_convert
+        def call(self, inputs, initial_state=None, mask=None, training=None):
+            mask = _first_mask(mask)
+            cell = self.rnn.cell
+            if training is True and (cell.dropout or cell.recurrent_dropout):
+                raise InvalidArgumentError(
+                    f"Layer {self.name!r} (ReconstructedLSTM) was called with training=True, but its LSTM has "
+                    f"dropout: the reconstruction cannot see the dropout masks the LSTM draws, so its states "
+                    f"would not be the layer's. Rewrite with method='trace' to get states in training mode. "
+                    f"Received: dropout={cell.dropout}, recurrent_dropout={cell.recurrent_dropout}"
+                )
+            sequence, h_last, c_last = self.rnn(
+                inputs, initial_state=initial_state, mask=mask, training=training)
+            dtype = sequence.dtype
+            step_mask = None
+            if mask is not None:
+                step_mask = tf.cast(mask, tf.bool)  # [batch, time], input order
+                if self.rnn.go_backwards:
+                    step_mask = tf.reverse(step_mask, [1])
+            if self.return_sequences:
+                output = sequence
+            elif step_mask is None or getattr(self.rnn, "zero_output_for_mask", False):
+                output = sequence[:, -1]
+            else:
+                # The last output is the h of the last valid step: cuDNN's final h (its sequence holds
+                # zeros at padded steps), and the loop's repeated output, zero when no step is valid.
+                any_valid = tf.reduce_any(step_mask, axis=1, keepdims=True)
+                output = tf.where(any_valid, h_last, tf.zeros_like(h_last))
+            outputs = [output]
+            if self.return_state:
+                outputs += [h_last, c_last]
+            if self.exposed:
+                outputs += self._states(inputs, sequence, step_mask, initial_state, dtype)
+            if self.expose_mask:
+                if step_mask is None:
+                    step_mask = tf.ones_like(sequence[..., 0], dtype=tf.bool)
+                outputs.append(tf.cast(step_mask, tf.float32))
+            return outputs
+
+        def _states(self, inputs, sequence, step_mask, initial_state, dtype):
+            """The exposed sequences, rebuilt from the h sequence, in ``self.exposed`` order."""
+            cell = self.rnn.cell
+            zeros = tf.zeros_like(sequence[:, 0])  # [batch, units]
+            h0 = zeros if initial_state is None else tf.cast(initial_state[0], dtype)
+            c0 = zeros if initial_state is None else tf.cast(initial_state[1], dtype)
+            valid = None if step_mask is None else tf.cast(step_mask[..., None], dtype)  # [batch, time, 1]
+            # h as carried by the recurrence: the h of the last valid step, h0 before any.
+            h = sequence if valid is None else linear_scan(1 - valid, valid * sequence, h0)
+            found = {"h": h}
+            if any(q != "h" for q in self.exposed):
+                x = tf.cast(inputs, dtype)
+                if self.rnn.go_backwards:
+                    x = tf.reverse(x, [1])
+                h_prev = tf.concat([h0[:, None], h[:, :-1]], axis=1)  # [batch, time, units]
+                kernel = tf.cast(tf.convert_to_tensor(cell.kernel), dtype)
+                recurrent_kernel = tf.cast(tf.convert_to_tensor(cell.recurrent_kernel), dtype)
+                z = _matmul_time(x, kernel) + _matmul_time(h_prev, recurrent_kernel)  # [batch, time, 4 units]
+                if cell.use_bias:
+                    z = z + tf.cast(tf.convert_to_tensor(cell.bias), dtype)
+                z_i, z_f, z_g, z_o = tf.split(z, 4, axis=-1)
+                i, f = cell.recurrent_activation(z_i), cell.recurrent_activation(z_f)
+                g, o = cell.activation(z_g), cell.recurrent_activation(z_o)
+                decay, drive = f, i * g
+                if valid is not None:
+                    decay, drive = valid * f + (1 - valid), valid * drive
+                found["c"] = linear_scan(decay, drive, c0)
+                gates = {"i": i, "f": f, "g": g, "o": o}
+                wanted = [q for q in ("i", "f", "g", "o") if q in self.exposed]
+                if wanted and valid is not None:
+                    # Gates on masked steps hold their last valid value, zero before any (as the loop's
+                    # repeated outputs do): one scan over the wanted gates side by side.
+                    stacked = tf.concat([gates[q] for q in wanted], axis=-1)
+                    filled = linear_scan(1 - valid, valid * stacked, tf.zeros_like(stacked[:, 0]))
+                    gates.update(zip(wanted, tf.split(filled, len(wanted), axis=-1)))
+                found.update(gates)
+            return [found[q] for q in self.exposed]
+
+        def compute_mask(self, inputs, mask=None):
+            mask = _first_mask(mask)
+            count = 1 + (2 if self.return_state else 0) + len(self.exposed) + int(self.expose_mask)
+            output_mask = mask if self.return_sequences else None
+            return [output_mask] + [None] * (count - 1)
+
+        def reset_states(self):
+            self.rnn.reset_states()
+
+        def get_config(self):
+            return {
+                **super().get_config(),
+                "rnn": layers.serialize(self.rnn),
+                "exposed": list(self.exposed),
+                "return_sequences": self.return_sequences,
+                "return_state": self.return_state,
+                "expose_mask": self.expose_mask,
+            }
+
+        @classmethod
+        def from_config(cls, config, custom_objects=None):
+            config = dict(config)
+            config["rnn"] = layers.deserialize(config["rnn"], custom_objects=custom_objects)
+            return cls(**config)
+
+    class ReconstructedBidirectional(traced["TracedBidirectional"]):
+        """`TracedBidirectional` over two ReconstructedLSTM directions (it saves and loads them as such)."""
+
+        @classmethod
+        def from_config(cls, config, custom_objects=None):
+            config = dict(config)
+            for key in ("forward", "backward"):
+                # A TracedRNN's config has "extras"; a direction the rewrite traced loads as one.
+                direction = traced["TracedRNN"] if "extras" in config[key] else ReconstructedLSTM
+                config[key] = direction.from_config(config[key], custom_objects)
+            return cls(**config)
+
+    def _first_mask(mask):
+        # tf-keras hands a list of masks when initial states are folded into the inputs.
+        if isinstance(mask, (list, tuple)):
+            return mask[0] if mask else None
+        return mask
+
+    classes = {"ReconstructedLSTM": ReconstructedLSTM, "ReconstructedBidirectional": ReconstructedBidirectional}
+    _DEFINED[keras.__name__] = classes
+    return classes
+
+
+def _matmul_time(x, w):
+    """``[batch, time, n] @ [n, m] -> [batch, time, m]`` as one 2-D matmul over all steps."""
+    import tensorflow as tf
+
+    shape = tf.shape(x)
+    flat = tf.matmul(tf.reshape(x, [-1, shape[-1]]), w)
+    out = tf.reshape(flat, tf.concat([shape[:-1], tf.shape(w)[-1:]], axis=0))
+    out.set_shape(x.shape[:-1].concatenate(w.shape[-1:]))
+    return out
+
+
+def linear_scan(a, b, initial):
+    """Solve ``s_t = a_t * s_{t-1} + b_t`` along axis 1 for every t, with ``s_{-1} = initial``.
+
+    A Hillis-Steele prefix scan: round k composes each step with the one 2**k before it, so
+    ceil(log2 T) rounds of elementwise ops replace T sequential steps (what makes it fast on a GPU).
+
+    Args:
+        a, b: ``[batch, time, ...]`` tensors of the same shape and dtype.
+        initial: ``[batch, ...]``, the state before the first step.
+
+    Returns:
+        ``[batch, time, ...]``: every s_t.
+
+    Example:
+        >>> linear_scan(tf.fill([1, 3, 1], 0.5), tf.ones([1, 3, 1]), tf.zeros([1, 1]))[0, :, 0]
+        <tf.Tensor: ... numpy=array([1.  , 1.5 , 1.75], dtype=float32)>
+    """
+    import tensorflow as tf
+
+    # Fold the initial state into the first step: s_0 = a_0 * initial + b_0.
+    b = tf.concat([b[:, :1] + a[:, :1] * initial[:, None], b[:, 1:]], axis=1)
+    steps = a.shape[1]
+    if steps is not None:
+        shift = 1
+        while shift < steps:
+            a, b = _compose(a, b, shift)
+            shift *= 2
+        return b
+
+    def body(shift, a, b):
+        new_a, new_b = _compose(a, b, shift)
+        new_a.set_shape(a.shape)
+        new_b.set_shape(b.shape)
+        return shift * 2, new_a, new_b
+
+    count = tf.shape(a)[1]
+    _, _, b = tf.while_loop(lambda shift, a, b: shift < count, body, (tf.constant(1), a, b))
+    return b
+
+
+def _compose(a, b, shift):
+    """One scan round: step t absorbs step t - shift (steps before ``shift`` are already complete)."""
+    import tensorflow as tf
+
+    count = tf.shape(a)[1] if isinstance(shift, tf.Tensor) or a.shape[1] is None else a.shape[1]
+    head_b, tail_b, prev_b = b[:, :shift], b[:, shift:], b[:, :count - shift]
+    head_a, tail_a, prev_a = a[:, :shift], a[:, shift:], a[:, :count - shift]
+    new_b = tf.concat([head_b, tail_a * prev_b + tail_b], axis=1)
+    new_a = tf.concat([head_a, tail_a * prev_a], axis=1)
+    return new_a, new_b
