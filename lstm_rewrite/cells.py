@@ -141,7 +141,7 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
             if self.use_bias:
                 if self.reset_after:
                     # Bias [2, 3 * units]: the input part, then the recurrent part.
-                    input_bias, recurrent_bias = ops.unstack(self.bias, axis=0)
+                    input_bias, recurrent_bias = ops.unstack(ops.convert_to_tensor(self.bias), axis=0)
                 else:
                     input_bias = self.bias
             x = ops.matmul(inputs, self.kernel)
