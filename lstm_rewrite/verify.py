@@ -237,15 +237,25 @@ def _tolerance(model):
     return FLOAT32_TOLERANCE
 
 
-def _all_layers(model):
+def _all_layers(model, seen=None):
+    """Every layer inside ``model``, at any depth: nested models, wrappers and the traced layers'
+    inner RNNs (a TracedBidirectional holds TracedRNNs that hold the stateful RNNs)."""
+    seen = set() if seen is None else seen
     for layer in getattr(model, "layers", []):
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from _all_layers(layer)
-        for attr in ("forward_layer", "backward_layer", "layer", "rnn"):
-            inner = getattr(layer, attr, None)
-            if inner is not None and hasattr(inner, "name") and inner is not layer:
-                yield inner
+        yield from _layer_and_inner(layer, seen)
+
+
+def _layer_and_inner(layer, seen):
+    if id(layer) in seen:
+        return
+    seen.add(id(layer))
+    yield layer
+    if hasattr(layer, "layers"):
+        yield from _all_layers(layer, seen)
+    for attr in ("forward_layer", "backward_layer", "layer", "rnn"):
+        inner = getattr(layer, attr, None)
+        if inner is not None and hasattr(inner, "name") and inner is not layer:
+            yield from _layer_and_inner(inner, seen)
 
 
 def _save_states(model):
