@@ -73,7 +73,7 @@ def verify(model, traced, inputs=None) -> VerificationReport:
     try:
         expected = _run(model, inputs)
         _restore_states(saved)
-        actual = _run(traced, inputs)[: len(expected)]
+        actual = _run(traced, inputs, traced_from=model)[: len(expected)]
     finally:
         _restore_states(saved)
     atol, rtol = _tolerance(model)
@@ -138,7 +138,8 @@ def synthesize_inputs(model, batch_size: int = DEFAULT_BATCH, time_steps: int = 
     """Make a batch of inputs from ``model``'s input specs.
 
     Floats are standard normal; integer inputs that feed an ``Embedding`` are ids in
-    ``[1, input_dim)``; the time axis gets ``time_steps`` where it is None; every sample but the
+    ``[1, input_dim)``; the time axis gets ``time_steps`` where it is None (or the length another
+    input declares, since inputs may meet in a merge); every sample but the
     first has trailing padded steps (id 0 for ``Embedding(mask_zero=True)``, the mask value for
     ``Masking``), so masked paths are exercised.
 
@@ -149,6 +150,8 @@ def synthesize_inputs(model, batch_size: int = DEFAULT_BATCH, time_steps: int = 
     rng = np.random.default_rng(seed)
     tensors = list(model.inputs)
     batch = _fixed_batch(tensors) or batch_size
+    # Inputs that meet (concatenated, added) need the same length: follow one that declares it.
+    time_steps = _declared_time(tensors) or time_steps
     arrays = []
     for tensor in tensors:
         consumer = _first_consumer(model, tensor, backend)
@@ -195,6 +198,17 @@ def _first_consumer(model, tensor, backend):
     return None
 
 
+def _declared_time(tensors):
+    """The time length an input declares: axis 1 of a sequence (rank >= 3, or integer ids of rank 2)."""
+    for tensor in tensors:
+        shape = list(tensor.shape)
+        integer = np.issubdtype(np.dtype(_dtype_name(tensor.dtype)), np.integer)
+        if len(shape) >= 3 or (len(shape) == 2 and integer):
+            if shape[1] is not None:
+                return int(shape[1])
+    return None
+
+
 def _fixed_batch(tensors):
     for tensor in tensors:
         if tensor.shape[0] is not None:
@@ -206,10 +220,17 @@ def _dtype_name(dtype) -> str:
     return getattr(dtype, "name", None) or str(dtype)
 
 
-def _run(model, inputs) -> list:
+def _run(model, inputs, traced_from=None) -> list:
     try:
         outputs = model(inputs, training=False)
-    except (ValueError, TypeError) as error:
+    except Exception as error:  # noqa: BLE001 - Keras and TensorFlow raise many types for bad inputs
+        if traced_from is not None:
+            # The original model ran on these inputs: a traced model that does not is our bug.
+            raise VerificationError(
+                f"The traced model of {traced_from.name!r} fails on inputs the original model accepts: "
+                f"{type(error).__name__}: {_first_line(error)}. This is a bug in lstm_rewrite; please report it "
+                f"with the model's summary."
+            ) from error
         raise DataError(
             f"Model {model.name!r} could not run on the verification inputs: {_first_line(error)}. Pass "
             f"sample_inputs= with arrays shaped like the model's inputs {[tuple(t.shape) for t in model.inputs]}."
