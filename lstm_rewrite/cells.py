@@ -473,6 +473,7 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
 
         def call(self, inputs, initial_state=None, mask=None, training=None):
             mask = _first_mask(mask)
+            _reset_dropout_masks(self.rnn.cell)
             results = self.rnn(inputs, initial_state=self._inner_states(initial_state), mask=mask, training=training)
             sequence, final_states = results[0], list(tree.flatten(list(results[1:])))
             if self.state_shapes:
@@ -634,6 +635,19 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
             config["forward"] = TracedRNN.from_config(config["forward"], custom_objects)
             config["backward"] = TracedRNN.from_config(config["backward"], custom_objects)
             return cls(**config)
+
+    def _reset_dropout_masks(cell):
+        # Each RNN call resets the dropout masks of the cells it knows (a DropoutRNNCell, the cells of
+        # a StackedRNNCells); the cells inside a traced stack or wrapper are ours to reset, else a
+        # mask made for one batch would be reused for the next.
+        inner = list(getattr(cell, "cells", []))
+        if isinstance(cell, TracedCell):
+            inner.append(cell.cell)
+        for sub in inner:
+            for reset in ("reset_dropout_mask", "reset_recurrent_dropout_mask"):
+                if callable(getattr(sub, reset, None)):
+                    getattr(sub, reset)()
+            _reset_dropout_masks(sub)
 
     def _first_mask(mask):
         # tf-keras hands a list of masks when initial states are folded into the inputs.

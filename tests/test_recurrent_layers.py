@@ -324,8 +324,8 @@ def test_rnn_over_keras_cells(flavour):
 def test_stacked_cells_masked(flavour):
     keras, layers = flavour.keras, flavour.layers
     inputs = keras.Input((None, 3))
-    stack = layers.RNN(layers.StackedRNNCells([layers.LSTMCell(3), layers.GRUCell(2)]), return_sequences=True,
-                       return_state=True, name="stack")
+    cells = [layers.LSTMCell(3, dropout=0.2), layers.GRUCell(2, recurrent_dropout=0.2)]  # inactive in inference
+    stack = layers.RNN(layers.StackedRNNCells(cells), return_sequences=True, return_state=True, name="stack")
     outputs = stack(layers.Masking(0.0)(inputs))  # Keras 3: (seq, [h0, c0], h1); tf-keras: [seq, h0, c0, h1]
     model = keras.Model(inputs, [outputs[0], outputs[-1]])
     x = float_batch(time=6)
@@ -349,6 +349,9 @@ def test_stacked_cells_masked(flavour):
     assert_match(named, "stack.cell0", lower, ("c", "h"))
     assert_match(named, "stack.cell1", upper, ("h", "z"))
     np.testing.assert_array_equal(named["stack.cell1.mask"], mask.astype("float32"))
+    # In training, each call draws dropout masks for its own batch.
+    for batch in (2, 3):
+        assert np.shape(traced(x[:batch], training=True)[2]) == (batch, 6, 3)
     guard.check()
 
 
