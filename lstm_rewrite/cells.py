@@ -12,9 +12,13 @@ list, is left exactly as the Keras cell keeps it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import inspect
 import math
+
+import numpy as np
 
 # Per-step quantities an LSTM can expose, in output order (c first: it is why the library exists).
 LSTM_QUANTITIES = ("c", "h", "i", "f", "g", "o")
@@ -59,6 +63,56 @@ LSTM_FAMILY = CellFamily("lstm", LSTM_QUANTITIES, GATES, ("c",), LSTM_STATE_INDE
 CONV_LSTM_FAMILY = CellFamily("conv_lstm", LSTM_QUANTITIES, GATES, ("c",), LSTM_STATE_INDEX)
 GRU_FAMILY = CellFamily("gru", GRU_QUANTITIES, GRU_GATES, ("h",), GRU_STATE_INDEX)
 SIMPLE_RNN_FAMILY = CellFamily("simple_rnn", ("h",), (), ("h",), GRU_STATE_INDEX)
+
+
+# Set while the rewrite builds a traced model: its layers are then called on symbolic inputs only,
+# to learn their output shapes, and building a recurrence graph there (a while loop per layer)
+# would be most of the rewrite's time. See `shapes_only`.
+_SHAPES_ONLY = contextvars.ContextVar("lstm_rewrite_shapes_only", default=False)
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Within this block traced layers skip their recurrence and return zeros of the right shapes.
+
+    Only for calls on symbolic inputs whose values are never used (building a functional model);
+    the model built this way runs the real recurrence whenever it is executed.
+
+    Example:
+        >>> with shapes_only():
+        ...     outputs = traced_layer(keras.Input((None, 4)))
+    """
+    token = _SHAPES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY.reset(token)
+
+
+def shapes_only_active() -> bool:
+    """Whether the calling code runs inside `shapes_only`."""
+    return _SHAPES_ONLY.get()
+
+
+def _flat_shapes(shapes) -> list:
+    """Flatten what ``RNN.compute_output_shape`` returns (nested lists of shape tuples) to shapes."""
+    if hasattr(shapes, "as_list"):  # tf.TensorShape
+        return [tuple(shapes.as_list())]
+    if isinstance(shapes, (list, tuple)) and shapes and all(d is None or isinstance(d, int) for d in shapes):
+        return [tuple(shapes)]
+    return [shape for part in shapes for shape in _flat_shapes(part)]
+
+
+def _plain_python(call):
+    """Keep autograph away from a layer's ``call`` that has no tensor-dependent control flow.
+
+    tf-keras converts every subclassed layer's ``call`` with autograph while building a functional
+    model, and the conversion (of ``call`` and of every function it calls) cost more than the rest
+    of the rewrite.
+    """
+    import tensorflow as tf
+
+    return tf.autograph.experimental.do_not_convert(call)
 
 
 def generic_family(num_states: int) -> CellFamily:
@@ -471,10 +525,15 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
                 states = tree.pack_sequence_as(list(structure), list(states))
             return states
 
+        @_plain_python
         def call(self, inputs, initial_state=None, mask=None, training=None):
             mask = _first_mask(mask)
             _reset_dropout_masks(self.rnn.cell)
-            results = self.rnn(inputs, initial_state=self._inner_states(initial_state), mask=mask, training=training)
+            if shapes_only_active():
+                results = _zeros_for_rnn(self.rnn, inputs)
+            if not shapes_only_active() or results is None:
+                results = self.rnn(inputs, initial_state=self._inner_states(initial_state), mask=mask,
+                                   training=training)
             sequence, final_states = results[0], list(tree.flatten(list(results[1:])))
             if self.state_shapes:
                 final_states = [ops.reshape(s, (-1,) + shape) for s, shape in zip(final_states, self.state_shapes)]
@@ -580,6 +639,7 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
             extra = list(results[1 + states:])
             return output, finals, extra
 
+        @_plain_python
         def call(self, inputs, initial_state=None, mask=None, training=None):
             mask = _first_mask(mask)
             forward_state = backward_state = None
@@ -635,6 +695,25 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
             config["forward"] = TracedRNN.from_config(config["forward"], custom_objects)
             config["backward"] = TracedRNN.from_config(config["backward"], custom_objects)
             return cls(**config)
+
+    def _zeros_for_rnn(rnn, inputs):
+        """``[sequence, *flat_final_states]`` of ``rnn`` on ``inputs`` as zeros (see `shapes_only`);
+        None when the inner RNN cannot tell its output shapes."""
+        try:
+            shapes = _flat_shapes(rnn.compute_output_shape(tuple(inputs.shape)))
+        except (ValueError, TypeError, AttributeError, NotImplementedError):
+            return None
+        # The sequence is [batch, time, ...], each state [batch, ...].
+        return [_zeros_shaped(inputs, shape, rnn.compute_dtype, 2 if k == 0 else 1) for k, shape in enumerate(shapes)]
+
+    def _zeros_shaped(inputs, shape, dtype, lead):
+        """Zeros of ``shape`` whose first ``lead`` sizes (batch, or batch and time) are those of
+        ``inputs``; built by broadcasting so that the static shape stays known."""
+        base = inputs[(slice(None),) * lead + (0,) * (len(inputs.shape) - lead)]  # [batch(, time)]
+        base = ops.zeros_like(ops.cast(base, "float32"))
+        for _ in shape[lead:]:
+            base = ops.expand_dims(base, -1)
+        return ops.cast(base + np.zeros(shape[lead:], "float32"), dtype)
 
     def _reset_dropout_masks(cell):
         # Each RNN call resets the dropout masks of the cells it knows (a DropoutRNNCell, the cells of

@@ -19,7 +19,7 @@ outputs have `TracedRNN`'s layout, and verification covers them like any traced 
 
 from __future__ import annotations
 
-from .cells import LSTM_STATE_INDEX
+from .cells import LSTM_STATE_INDEX, shapes_only_active
 from .errors import InvalidArgumentError
 
 METHODS = ("auto", "trace", "reconstruct")
@@ -166,6 +166,8 @@ def define_reconstructed_layers(keras, traced: dict) -> dict:
                     f"would not be the layer's. Rewrite with method='trace' to get states in training mode. "
                     f"Received: dropout={cell.dropout}, recurrent_dropout={cell.recurrent_dropout}"
                 )
+            if shapes_only_active():
+                return self._zeros(inputs)
             sequence, h_last, c_last = self.rnn(
                 inputs, initial_state=initial_state, mask=mask, training=training)
             dtype = sequence.dtype
@@ -193,6 +195,16 @@ def define_reconstructed_layers(keras, traced: dict) -> dict:
                     step_mask = tf.ones_like(sequence[..., 0], dtype=tf.bool)
                 outputs.append(tf.cast(step_mask, tf.float32))
             return outputs
+
+        def _zeros(self, inputs):
+            """Zeros shaped like the outputs, for a call on symbolic inputs (see `cells.shapes_only`)."""
+            steps = tf.zeros_like(inputs[:, :, 0], dtype=self.compute_dtype)  # [batch, time]
+            units = tf.zeros([int(self.rnn.cell.units)], dtype=self.compute_dtype)
+            sequence, state = steps[..., None] + units, steps[:, 0, None] + units
+            outputs = [sequence if self.return_sequences else state]
+            outputs += [state, state] if self.return_state else []
+            outputs += [sequence] * len(self.exposed)
+            return outputs + ([tf.cast(steps, tf.float32)] if self.expose_mask else [])
 
         def _states(self, inputs, sequence, step_mask, initial_state, dtype):
             """The exposed sequences, rebuilt from the h sequence, in ``self.exposed`` order."""

@@ -28,6 +28,7 @@ from .cells import (
     SIMPLE_RNN_FAMILY,
     CellFamily,
     generic_family,
+    shapes_only,
 )
 from .errors import InvalidArgumentError, UnsupportedLayerError, UnsupportedModelError
 from .graph import build_graph, walk
@@ -667,7 +668,9 @@ class RewritePass:
 
     def run(self):
         """Return ``(traced_model, RewriteRecord)``."""
-        level = self._rebuild(self.model, prefix="")
+        # Every layer is called on symbolic inputs here: the traced ones need not build their loops.
+        with shapes_only():
+            level = self._rebuild(self.model, prefix="")
         backend = self.backend
         record = RewriteRecord(original_output_names=backend.output_names(self.model))
         functional = _functional(self.model, backend)
