@@ -63,12 +63,12 @@ class _InputSpec:
 
 
 def _input_specs(model) -> list[_InputSpec]:
-    import tensorflow as tf
-
     specs = []
     for tensor in model.inputs:
         shape = tuple(None if d is None else int(d) for d in tuple(tensor.shape)[1:])
-        dtype = np.dtype(tf.as_dtype(tensor.dtype).as_numpy_dtype)
+        # tf-keras gives a tf.DType, Keras 3 a name: read either without importing TensorFlow,
+        # which a Keras 3 model on another backend does not have.
+        dtype = np.dtype(getattr(tensor.dtype, "as_numpy_dtype", tensor.dtype))
         name = str(tensor.name).split(":")[0]
         specs.append(_InputSpec(name, shape, dtype))
     return specs
