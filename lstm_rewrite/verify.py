@@ -5,6 +5,9 @@ the same equations as the Keras LSTM but may group the matrix products different
 results by a few float32 ulps per step; 1e-5 leaves room for that over long sequences while still
 catching any real difference (a wrong gate, a misaligned step or mask is off by 1e-2 or more).
 Models with a float16 or bfloat16 compute dtype get ``atol=rtol=1e-2`` (float16's resolution).
+On a GPU, float32 models get ``atol=rtol=2e-3``: cuDNN and the matmuls of Ampere and later GPUs run
+in TF32 by default (10-bit mantissa), so the original model itself is only that precise there; a
+GPU check measured 1e-4 to 4e-4 between a cuDNN LSTM/GRU and the exact step on short sequences.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from .errors import DataError, VerificationError
 
 FLOAT32_TOLERANCE = (1e-5, 1e-4)  # (atol, rtol)
 HALF_TOLERANCE = (1e-2, 1e-2)
+GPU_TOLERANCE = (2e-3, 2e-3)
 DEFAULT_BATCH = 3
 DEFAULT_TIME = 7
 
@@ -255,6 +259,8 @@ def _tolerance(model):
     for layer in _all_layers(model):
         if str(getattr(layer, "compute_dtype", "float32")) in ("float16", "bfloat16"):
             return HALF_TOLERANCE
+    if backends.for_model(model).gpu_visible():
+        return GPU_TOLERANCE
     return FLOAT32_TOLERANCE
 
 

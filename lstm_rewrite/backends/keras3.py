@@ -150,6 +150,24 @@ def stateful_variables(layer):
     return []
 
 
+def gpu_visible() -> bool:
+    """Whether the Keras 3 backend in use (TensorFlow, torch or JAX) computes on a GPU."""
+    name = keras.backend.backend()
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_logical_devices("GPU"))
+    if name == "torch":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    if name == "jax":
+        import jax
+
+        return any(device.platform == "gpu" for device in jax.devices())
+    return False
+
+
 def to_numpy(value):
     """A tensor or variable of any Keras 3 backend (a CUDA tensor too) as a NumPy array."""
     return keras.ops.convert_to_numpy(value)

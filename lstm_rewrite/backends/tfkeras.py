@@ -181,6 +181,11 @@ def stateful_variables(layer):
     return []
 
 
+def gpu_visible() -> bool:
+    """Whether TensorFlow computes on a GPU."""
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
 def to_numpy(value):
     """A tensor or variable as a NumPy array."""
     return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
