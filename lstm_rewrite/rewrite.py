@@ -483,7 +483,9 @@ class ReplacementBuilder:
                 return_state=lstm.return_state if return_state is None else return_state,
                 dtype=self.backend.dtype_policy(lstm),
             )
-        return self._traced_single(lstm, name, self.rows["lstm"], return_sequences, return_state)
+        # Unrolled, the RNN stacks the steps' outputs itself, which needs one tensor per step.
+        return self._traced_single(lstm, name, self.rows["lstm"], return_sequences, return_state,
+                                   cell_config={"split_outputs": not lstm.unroll})
 
     def traced_gru(self, gru, name: str, return_sequences=None, return_state=None):
         """A TracedRNN configured like ``gru`` (a GRU or RNN(GRUCell), either reset_after)."""
