@@ -52,6 +52,9 @@ class ExposedOutput:
     units: int  # units (filters for ConvLSTM, width for a custom cell's state)
     dtype: str = "float32"  # the layer's dtype policy; the exposed sequence has its compute dtype
     shape: tuple = ()  # one step's shape: (units,), or (*spatial, filters) for ConvLSTM
+    # True when the sequence runs in reversed input time (a go_backwards layer's processing order);
+    # a Bidirectional's backward states are aligned to input time, so False there.
+    reversed: bool = False
 
 
 @dataclasses.dataclass
@@ -804,7 +807,8 @@ class RewritePass:
                     shape = tuple(int(d) for d in tensor.shape[2:])
                     units = int(sub.cell.filters) if sub_kind == "conv_lstm" else shape[-1]
                     entry = ExposedOutput(output_name(unit_site, q), unit_site, q, layer_class, units,
-                                          backend.dtype_policy(sub), shape)
+                                          backend.dtype_policy(sub), shape,
+                                          reversed=bool(sub.go_backwards) and kind != "bidirectional")
                     states.append((entry, tensor))
                 if unit.quantities:
                     unit_sites.append(unit_site)
