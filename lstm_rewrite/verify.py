@@ -158,16 +158,20 @@ def synthesize_inputs(model, batch_size: int = DEFAULT_BATCH, time_steps: int = 
     time_steps = _declared_time(tensors) or time_steps
     arrays = []
     for tensor in tensors:
-        consumer = _first_consumer(model, tensor, backend)
+        # Every consumer counts: in Keras 3 an Embedding(mask_zero) input also feeds the op that
+        # computes its mask, and that op may come first.
+        consumers = _consumers(model, tensor, backend)
+        embeddings = [int(c.input_dim) for c in consumers if isinstance(c, backend.Embedding)]
+        masking = next((c for c in consumers if isinstance(c, backend.Masking)), None)
         shape = [batch] + [time_steps if d is None else int(d) for d in list(tensor.shape)[1:]]
         dtype = np.dtype(_dtype_name(tensor.dtype))
         if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
-            high = int(getattr(consumer, "input_dim", 10)) if isinstance(consumer, backend.Embedding) else 10
+            high = min(embeddings) if embeddings else 10
             array = rng.integers(1, max(high, 2), size=shape).astype(dtype)
             pad = 0
         else:
             array = rng.standard_normal(shape).astype(dtype)
-            pad = float(consumer.mask_value) if isinstance(consumer, backend.Masking) else None
+            pad = float(masking.mask_value) if masking is not None else None
         if len(shape) >= 2 and shape[1] > 2 and pad is not None:
             for b in range(1, batch):
                 array[b, shape[1] - min(b, shape[1] - 1):] = pad
@@ -187,19 +191,25 @@ def _like_input_structure(model, arrays):
     return arrays[0] if len(arrays) == 1 else arrays
 
 
-def _first_consumer(model, tensor, backend):
-    """The first layer that consumes ``tensor`` in ``model`` (looking into Sequential wrappers)."""
+def _consumers(model, tensor, backend, depth: int = 0) -> list:
+    """Every layer that consumes ``tensor`` in ``model``, looking into nested models and Sequential wrappers."""
     functional = backend.functional_of(model) or model
+    found = []
     for node, layer, args, kwargs, _, is_input in backend.graph_nodes(functional):
         if is_input:
             continue
-        flat = backend.flatten((list(args), dict(kwargs)))
-        if any(t is tensor for t in flat):
-            return layer
-    if functional is not model:
+        flat = [t for t in backend.flatten((list(args), dict(kwargs))) if backend.is_tensor(t)]
+        for position, argument in enumerate(flat):
+            if argument is not tensor:
+                continue
+            found.append(layer)
+            inner_inputs = list(getattr(layer, "inputs", None) or []) if backend.is_model(layer) else []
+            if position < len(inner_inputs) and depth < 16:
+                found += _consumers(layer, inner_inputs[position], backend, depth + 1)
+    if not found and functional is not model:
         for inner in functional.inputs:
-            return _first_consumer(functional, inner, backend)
-    return None
+            return _consumers(functional, inner, backend, depth + 1)
+    return found
 
 
 def _declared_time(tensors):

@@ -762,7 +762,21 @@ def check_spec(spec, flavour: str) -> None:
     3. Every exposed state (and mask) equals the oracle's, under its expected name.
     4. The input model is untouched (weights, layers, graph, outputs).
     5. The traced model saves to .keras and reloads to the same outputs.
+
+    With ``FUZZ_FAILURES=<path>`` in the environment, a failing spec is appended to that file.
     """
+    try:
+        _check_spec(spec, flavour)
+    except Exception as error:
+        # Long runs stop at the first failure and print it only at the end: log it at once.
+        log = os.environ.get("FUZZ_FAILURES")
+        if log:
+            with open(log, "a") as handle:
+                handle.write(f"{flavour}: {type(error).__name__}: {str(error)[:3000]}\nspec = {spec!r}\n\n")
+        raise
+
+
+def _check_spec(spec, flavour: str) -> None:
     import lstm_rewrite  # noqa: F401  (registers the traced layers)
     from lstm_rewrite import expose_cell_states
 
