@@ -110,8 +110,10 @@ def _plain_python(call):
     model, and the conversion (of ``call`` and of every function it calls) cost more than the rest
     of the rewrite.
     """
-    import tensorflow as tf
-
+    try:
+        import tensorflow as tf
+    except ImportError:  # Keras 3 on another backend: no autograph to keep away
+        return call
     return tf.autograph.experimental.do_not_convert(call)
 
 

@@ -31,9 +31,14 @@ _DEFINED: dict = {}
 def gpu_visible() -> bool:
     """Whether TensorFlow sees a GPU (what ``method="auto"`` decides on).
 
+    The reconstruction is written with TensorFlow ops, so without TensorFlow, or under a Keras 3
+    backend other than TensorFlow, this is False and ``"auto"`` traces.
+
     Example:
         >>> method = "reconstruct" if gpu_visible() else "trace"
     """
+    if not _tensorflow_backend():
+        return False
     import tensorflow as tf
 
     return bool(tf.config.list_logical_devices("GPU"))
@@ -57,7 +62,26 @@ def resolve_method(method: str) -> str:
         )
     if method == "auto":
         return "reconstruct" if gpu_visible() else "trace"
+    if method == "reconstruct" and not _tensorflow_backend():
+        raise InvalidArgumentError(
+            "method='reconstruct' is written with TensorFlow ops and needs Keras on TensorFlow (tf-keras, "
+            "or Keras 3 with KERAS_BACKEND=tensorflow). Use method='trace' on other backends. "
+            "Received: method='reconstruct'"
+        )
     return method
+
+
+def _tensorflow_backend() -> bool:
+    import sys
+
+    keras = sys.modules.get("keras")
+    if keras is not None and keras.backend.backend() != "tensorflow":
+        return False
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def unsupported_reason(lstm) -> str | None:
@@ -99,8 +123,8 @@ def reconstructed_lstm(backend, lstm, name: str, exposed, *, expose_mask: bool, 
 def bidirectional_class(backend, directions):
     """The Bidirectional class for two built directions: ReconstructedBidirectional when either is
     a ReconstructedLSTM (it knows how to load them), else the backend's TracedBidirectional."""
-    classes = classes_for(backend)
-    if any(isinstance(d, classes["ReconstructedLSTM"]) for d in directions):
+    classes = _DEFINED.get(backend.keras.__name__) or {}
+    if classes and any(isinstance(d, classes["ReconstructedLSTM"]) for d in directions):
         return classes["ReconstructedBidirectional"]
     return backend.TracedBidirectional
 
@@ -113,9 +137,13 @@ def define_reconstructed_layers(keras, traced: dict) -> dict:
         traced: the classes `cells.define_traced_layers` made for the same flavour.
 
     Returns:
-        A dict of the two classes, keyed by class name.
+        A dict of the two classes, keyed by class name; empty without TensorFlow, whose ops they
+        are written with (Keras 3 on another backend then traces).
     """
-    import tensorflow as tf
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return {}
 
     layers = keras.layers
 
