@@ -229,7 +229,8 @@ class _ProgramDrawer:
         kind = RECURRENT_KINDS[draw(st.sampled_from(self.kinds))]
         config = kind.draw_cell_config(draw)
         # Keras 3 refuses Bidirectional(LSTM(go_backwards=True)); tf-keras runs it with swapped directions.
-        backwards = (not bidirectional or self.flavour == "tfkeras") and draw(st.integers(0, 5 if bidirectional else 2)) == 0
+        allowed = not bidirectional or self.flavour == "tfkeras"
+        backwards = allowed and draw(st.integers(0, 5 if bidirectional else 2)) == 0
         config.update(return_sequences=draw(st.booleans()), return_state=draw(st.booleans()), go_backwards=backwards)
         if not bidirectional and draw(st.integers(0, 5)) == 0:
             config["zero_output_for_mask"] = True
