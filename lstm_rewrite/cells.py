@@ -735,7 +735,9 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
         base = ops.zeros_like(ops.cast(base, "float32"))
         for _ in shape[lead:]:
             base = ops.expand_dims(base, -1)
-        return ops.cast(base + np.zeros(shape[lead:], "float32"), dtype)
+        # A backend tensor of zeros, not a NumPy array: torch cannot add NumPy to a CUDA tensor.
+        trailing = ops.zeros(tuple(int(d) for d in shape[lead:]), "float32")
+        return ops.cast(base + trailing, dtype)
 
     def _reset_dropout_masks(cell):
         # Each RNN call resets the dropout masks of the cells it knows (a DropoutRNNCell, the cells of
