@@ -24,6 +24,7 @@ from lstm_rewrite import (
     LstmRewriteError,
     ModelFileError,
     UnsupportedModelError,
+    VerificationError,
     expose_cell_states,
     verify,
 )
@@ -132,6 +133,16 @@ def test_verify_refuses_nan_inputs_that_would_make_it_vacuous(flavour):
     traced = expose_cell_states(model, sample_inputs=X)
     with pytest.raises(DataError, match=r"'x' .*NaN or Inf"):
         verify(model, traced, with_nan(X, (0, 0, 0)))
+
+
+def test_verify_with_a_traced_model_that_cannot_run_the_inputs(flavour):
+    """verify(model, traced) where the traced model is not the model's: it fails where the model runs."""
+    keras = flavour.keras
+    model = one_lstm(keras)
+    inputs = keras.Input((None, 3), name="x")
+    other = keras.Model(inputs, keras.layers.LSTM(3, name="encoder")(inputs), name="other")
+    with pytest.raises(VerificationError, match=r"traced model of 'one' fails on inputs the original model accepts"):
+        verify(model, expose_cell_states(other), X)
 
 
 # ---------------------------------------------------------------------------------------------
