@@ -12,14 +12,19 @@ would) for the h sequence, then recovers everything else outside the recurrence:
    adds, never divides, so it is as safe as the loop (a cumulative product of forget gates divided
    back out would not be).
 
-The layers are written once and defined per Keras flavour by `define_reconstructed_layers`, which
-`cells.define_traced_layers` calls, so the backends register them with the traced layers. Their
-outputs have `TracedRNN`'s layout, and verification covers them like any traced layer.
+The layers are written once, against an op namespace under ``keras.ops`` names (Keras 3's own on
+any backend, the tf-keras backend's TensorFlow shim), and defined per Keras flavour by
+`define_reconstructed_layers`, which `cells.define_traced_layers` calls, so the backends register
+them with the traced layers. Their outputs have `TracedRNN`'s layout, and verification covers them
+like any traced layer.
 """
 
 from __future__ import annotations
 
-from .cells import LSTM_STATE_INDEX, shapes_only_active
+import importlib
+import sys
+
+from .cells import LSTM_STATE_INDEX, _plain_python, shapes_only_active
 from .errors import InvalidArgumentError
 
 METHODS = ("auto", "trace", "reconstruct")
@@ -29,16 +34,18 @@ _DEFINED: dict = {}
 
 
 def gpu_visible() -> bool:
-    """Whether TensorFlow sees a GPU (what ``method="auto"`` decides on).
+    """Whether the Keras in use computes on a GPU (what ``method="auto"`` decides on).
 
-    The reconstruction is written with TensorFlow ops, so without TensorFlow, or under a Keras 3
-    backend other than TensorFlow, this is False and ``"auto"`` traces.
+    Under Keras 3 on a backend other than TensorFlow this asks that backend (torch, JAX); otherwise
+    TensorFlow, which runs both tf-keras and Keras 3 on TensorFlow. False when neither is there.
 
     Example:
         >>> method = "reconstruct" if gpu_visible() else "trace"
     """
     if not _tensorflow_backend():
-        return False
+        if _keras3_backend() is None:
+            return False
+        return importlib.import_module("lstm_rewrite.backends.keras3").gpu_visible()
     import tensorflow as tf
 
     return bool(tf.config.list_logical_devices("GPU"))
@@ -62,20 +69,21 @@ def resolve_method(method: str) -> str:
         )
     if method == "auto":
         return "reconstruct" if gpu_visible() else "trace"
-    if method == "reconstruct" and not _tensorflow_backend():
-        raise InvalidArgumentError(
-            "method='reconstruct' is written with TensorFlow ops and needs Keras on TensorFlow (tf-keras, "
-            "or Keras 3 with KERAS_BACKEND=tensorflow). Use method='trace' on other backends. "
-            "Received: method='reconstruct'"
-        )
     return method
 
 
-def _tensorflow_backend() -> bool:
-    import sys
-
+def _keras3_backend() -> str | None:
+    """The Keras 3 backend's name ("tensorflow", "torch", "jax", ...) when Keras 3 is imported."""
     keras = sys.modules.get("keras")
-    if keras is not None and keras.backend.backend() != "tensorflow":
+    backend = getattr(keras, "backend", None)
+    if backend is None or not hasattr(backend, "backend"):
+        return None
+    return backend.backend()
+
+
+def _tensorflow_backend() -> bool:
+    """Whether the Keras in use runs on TensorFlow (tf-keras, or Keras 3 with its TensorFlow backend)."""
+    if _keras3_backend() not in (None, "tensorflow"):
         return False
     try:
         import tensorflow  # noqa: F401
@@ -129,21 +137,24 @@ def bidirectional_class(backend, directions):
     return backend.TracedBidirectional
 
 
-def define_reconstructed_layers(keras, traced: dict) -> dict:
+def define_reconstructed_layers(keras, traced: dict, ops=None) -> dict:
     """Define ReconstructedLSTM and ReconstructedBidirectional for one Keras flavour.
 
     Args:
         keras: the ``keras`` (Keras 3) or ``tf_keras`` module.
         traced: the classes `cells.define_traced_layers` made for the same flavour.
+        ops: the op namespace the layers compute with, under ``keras.ops`` names; by default
+            ``keras.ops`` for Keras 3 (any backend) and the tf-keras backend's shim for tf-keras.
 
     Returns:
-        A dict of the two classes, keyed by class name; empty without TensorFlow, whose ops they
-        are written with (Keras 3 on another backend then traces).
+        A dict of the two classes, keyed by class name.
     """
-    try:
-        import tensorflow as tf
-    except ImportError:
-        return {}
+    if ops is None:
+        ops = getattr(keras, "ops", None)
+    if ops is None:
+        # tf-keras: its backend module defines the shim before it defines the layers (which is
+        # what calls this), so the partly imported module already has it.
+        ops = importlib.import_module("lstm_rewrite.backends.tfkeras").ops
 
     layers = keras.layers
 
@@ -183,7 +194,7 @@ def define_reconstructed_layers(keras, traced: dict) -> dict:
         def num_states(self):
             return 2
 
-        @tf.autograph.experimental.do_not_convert
+        @_plain_python
         def call(self, inputs, initial_state=None, mask=None, training=None):
             mask = _first_mask(mask)
             cell = self.rnn.cell
@@ -201,9 +212,9 @@ def define_reconstructed_layers(keras, traced: dict) -> dict:
             dtype = sequence.dtype
             step_mask = None
             if mask is not None:
-                step_mask = tf.cast(mask, tf.bool)  # [batch, time], input order
+                step_mask = ops.cast(mask, "bool")  # [batch, time], input order
                 if self.rnn.go_backwards:
-                    step_mask = tf.reverse(step_mask, [1])
+                    step_mask = ops.flip(step_mask, axis=1)
             if self.return_sequences:
                 output = sequence
             elif step_mask is None or getattr(self.rnn, "zero_output_for_mask", False):
@@ -211,8 +222,8 @@ def define_reconstructed_layers(keras, traced: dict) -> dict:
             else:
                 # The last output is the h of the last valid step: cuDNN's final h (its sequence holds
                 # zeros at padded steps), and the loop's repeated output, zero when no step is valid.
-                any_valid = tf.reduce_any(step_mask, axis=1, keepdims=True)
-                output = tf.where(any_valid, h_last, tf.zeros_like(h_last))
+                any_valid = ops.any(step_mask, axis=1, keepdims=True)
+                output = ops.where(any_valid, h_last, ops.zeros_like(h_last))
             outputs = [output]
             if self.return_state:
                 outputs += [h_last, c_last]
@@ -220,55 +231,58 @@ def define_reconstructed_layers(keras, traced: dict) -> dict:
                 outputs += self._states(inputs, sequence, step_mask, initial_state, dtype)
             if self.expose_mask:
                 if step_mask is None:
-                    step_mask = tf.ones_like(sequence[..., 0], dtype=tf.bool)
-                outputs.append(tf.cast(step_mask, tf.float32))
+                    step_mask = ops.ones_like(sequence[..., 0], dtype="bool")
+                outputs.append(ops.cast(step_mask, "float32"))
             return outputs
 
         def _zeros(self, inputs):
             """Zeros shaped like the outputs, for a call on symbolic inputs (see `cells.shapes_only`)."""
-            steps = tf.zeros_like(inputs[:, :, 0], dtype=self.compute_dtype)  # [batch, time]
-            units = tf.zeros([int(self.rnn.cell.units)], dtype=self.compute_dtype)
-            sequence, state = steps[..., None] + units, steps[:, 0, None] + units
+            steps = ops.zeros_like(inputs[:, :, 0], dtype=self.compute_dtype)  # [batch, time]
+            units = ops.zeros((int(self.rnn.cell.units),), dtype=self.compute_dtype)
+            sequence = ops.expand_dims(steps, -1) + units
+            state = ops.expand_dims(steps[:, 0], -1) + units
             outputs = [sequence if self.return_sequences else state]
             outputs += [state, state] if self.return_state else []
             outputs += [sequence] * len(self.exposed)
-            return outputs + ([tf.cast(steps, tf.float32)] if self.expose_mask else [])
+            return outputs + ([ops.cast(steps, "float32")] if self.expose_mask else [])
 
         def _states(self, inputs, sequence, step_mask, initial_state, dtype):
             """The exposed sequences, rebuilt from the h sequence, in ``self.exposed`` order."""
             cell = self.rnn.cell
-            zeros = tf.zeros_like(sequence[:, 0])  # [batch, units]
-            h0 = zeros if initial_state is None else tf.cast(initial_state[0], dtype)
-            c0 = zeros if initial_state is None else tf.cast(initial_state[1], dtype)
-            valid = None if step_mask is None else tf.cast(step_mask[..., None], dtype)  # [batch, time, 1]
+            zeros = ops.zeros_like(sequence[:, 0])  # [batch, units]
+            h0 = zeros if initial_state is None else ops.cast(initial_state[0], dtype)
+            c0 = zeros if initial_state is None else ops.cast(initial_state[1], dtype)
+            # [batch, time, 1]
+            valid = None if step_mask is None else ops.expand_dims(ops.cast(step_mask, dtype), -1)
             # h as carried by the recurrence: the h of the last valid step, h0 before any.
-            h = sequence if valid is None else linear_scan(1 - valid, valid * sequence, h0)
+            h = sequence if valid is None else linear_scan(1 - valid, valid * sequence, h0, ops)
             found = {"h": h}
             if any(q != "h" for q in self.exposed):
-                x = tf.cast(inputs, dtype)
+                x = ops.cast(inputs, dtype)
                 if self.rnn.go_backwards:
-                    x = tf.reverse(x, [1])
-                h_prev = tf.concat([h0[:, None], h[:, :-1]], axis=1)  # [batch, time, units]
-                kernel = tf.cast(tf.convert_to_tensor(cell.kernel), dtype)
-                recurrent_kernel = tf.cast(tf.convert_to_tensor(cell.recurrent_kernel), dtype)
-                z = _matmul_time(x, kernel) + _matmul_time(h_prev, recurrent_kernel)  # [batch, time, 4 units]
+                    x = ops.flip(x, axis=1)
+                h_prev = ops.concatenate([ops.expand_dims(h0, 1), h[:, :-1]], axis=1)  # [batch, time, units]
+                kernel = ops.cast(ops.convert_to_tensor(cell.kernel), dtype)
+                recurrent_kernel = ops.cast(ops.convert_to_tensor(cell.recurrent_kernel), dtype)
+                # [batch, time, 4 units]
+                z = _matmul_time(x, kernel, ops) + _matmul_time(h_prev, recurrent_kernel, ops)
                 if cell.use_bias:
-                    z = z + tf.cast(tf.convert_to_tensor(cell.bias), dtype)
-                z_i, z_f, z_g, z_o = tf.split(z, 4, axis=-1)
+                    z = z + ops.cast(ops.convert_to_tensor(cell.bias), dtype)
+                z_i, z_f, z_g, z_o = ops.split(z, 4, axis=-1)
                 i, f = cell.recurrent_activation(z_i), cell.recurrent_activation(z_f)
                 g, o = cell.activation(z_g), cell.recurrent_activation(z_o)
                 decay, drive = f, i * g
                 if valid is not None:
                     decay, drive = valid * f + (1 - valid), valid * drive
-                found["c"] = linear_scan(decay, drive, c0)
+                found["c"] = linear_scan(decay, drive, c0, ops)
                 gates = {"i": i, "f": f, "g": g, "o": o}
                 wanted = [q for q in ("i", "f", "g", "o") if q in self.exposed]
                 if wanted and valid is not None:
                     # Gates on masked steps hold their last valid value, zero before any (as the loop's
                     # repeated outputs do): one scan over the wanted gates side by side.
-                    stacked = tf.concat([gates[q] for q in wanted], axis=-1)
-                    filled = linear_scan(1 - valid, valid * stacked, tf.zeros_like(stacked[:, 0]))
-                    gates.update(zip(wanted, tf.split(filled, len(wanted), axis=-1)))
+                    stacked = ops.concatenate([gates[q] for q in wanted], axis=-1)
+                    filled = linear_scan(1 - valid, valid * stacked, ops.zeros_like(stacked[:, 0]), ops)
+                    gates.update(zip(wanted, ops.split(filled, len(wanted), axis=-1)))
                 found.update(gates)
             return [found[q] for q in self.exposed]
 
@@ -320,64 +334,77 @@ def define_reconstructed_layers(keras, traced: dict) -> dict:
     return classes
 
 
-def _matmul_time(x, w):
+def _matmul_time(x, w, ops):
     """``[batch, time, n] @ [n, m] -> [batch, time, m]`` as one 2-D matmul over all steps."""
-    import tensorflow as tf
-
-    shape = tf.shape(x)
-    flat = tf.matmul(tf.reshape(x, [-1, shape[-1]]), w)
-    out = tf.reshape(flat, tf.concat([shape[:-1], tf.shape(w)[-1:]], axis=0))
-    out.set_shape(x.shape[:-1].concatenate(w.shape[-1:]))
-    return out
+    shape = ops.shape(x)  # a tensor in place of each dimension unknown while tracing (TensorFlow)
+    flat = ops.matmul(ops.reshape(x, (-1, shape[-1])), w)
+    return ops.reshape(flat, (*shape[:-1], w.shape[-1]))
 
 
-def linear_scan(a, b, initial):
+def linear_scan(a, b, initial, ops=None):
     """Solve ``s_t = a_t * s_{t-1} + b_t`` along axis 1 for every t, with ``s_{-1} = initial``.
 
     A Hillis-Steele prefix scan: round k composes each step with the one 2**k before it, so
     ceil(log2 T) rounds of elementwise ops replace T sequential steps (what makes it fast on a GPU).
+    The rounds run as a Python loop when T is known, which it always is on eager backends (torch,
+    JAX) and in TensorFlow graphs of fixed length; a TensorFlow graph of unknown length runs them
+    in a ``tf.while_loop``.
 
     Args:
         a, b: ``[batch, time, ...]`` tensors of the same shape and dtype.
         initial: ``[batch, ...]``, the state before the first step.
+        ops: the op namespace (``keras.ops`` or the tf-keras backend's shim); by default
+            ``keras.ops`` when Keras 3 is installed, else the shim.
 
     Returns:
         ``[batch, time, ...]``: every s_t.
 
     Example:
-        >>> linear_scan(tf.fill([1, 3, 1], 0.5), tf.ones([1, 3, 1]), tf.zeros([1, 1]))[0, :, 0]
-        <tf.Tensor: ... numpy=array([1.  , 1.5 , 1.75], dtype=float32)>
+        >>> linear_scan(ops.full((1, 3, 1), 0.5), ops.ones((1, 3, 1)), ops.zeros((1, 1)), ops)[0, :, 0]
+        array([1.  , 1.5 , 1.75], dtype=float32)  # as the backend's tensor
     """
-    import tensorflow as tf
-
+    ops = ops or _default_ops()
     # Fold the initial state into the first step: s_0 = a_0 * initial + b_0.
-    b = tf.concat([b[:, :1] + a[:, :1] * initial[:, None], b[:, 1:]], axis=1)
+    b = ops.concatenate([b[:, :1] + a[:, :1] * ops.expand_dims(initial, 1), b[:, 1:]], axis=1)
     steps = a.shape[1]
     if steps is not None:
         shift = 1
         while shift < steps:
-            a, b = _compose(a, b, shift)
+            a, b = _compose(a, b, shift, steps, ops)
             shift *= 2
         return b
+    return _tf_while_scan(a, b, ops)
+
+
+def _default_ops():
+    try:
+        import keras
+
+        return keras.ops
+    except ImportError:
+        return importlib.import_module("lstm_rewrite.backends.tfkeras").ops
+
+
+def _tf_while_scan(a, b, ops):
+    """The scan's rounds in a ``tf.while_loop``, for a TensorFlow graph whose time length is unknown."""
+    import tensorflow as tf
+
+    count = tf.shape(a)[1]
 
     def body(shift, a, b):
-        new_a, new_b = _compose(a, b, shift)
+        new_a, new_b = _compose(a, b, shift, count, ops)
         new_a.set_shape(a.shape)
         new_b.set_shape(b.shape)
         return shift * 2, new_a, new_b
 
-    count = tf.shape(a)[1]
     _, _, b = tf.while_loop(lambda shift, a, b: shift < count, body, (tf.constant(1), a, b))
     return b
 
 
-def _compose(a, b, shift):
+def _compose(a, b, shift, count, ops):
     """One scan round: step t absorbs step t - shift (steps before ``shift`` are already complete)."""
-    import tensorflow as tf
-
-    count = tf.shape(a)[1] if isinstance(shift, tf.Tensor) or a.shape[1] is None else a.shape[1]
     head_b, tail_b, prev_b = b[:, :shift], b[:, shift:], b[:, :count - shift]
     head_a, tail_a, prev_a = a[:, :shift], a[:, shift:], a[:, :count - shift]
-    new_b = tf.concat([head_b, tail_a * prev_b + tail_b], axis=1)
-    new_a = tf.concat([head_a, tail_a * prev_a], axis=1)
+    new_b = ops.concatenate([head_b, tail_a * prev_b + tail_b], axis=1)
+    new_a = ops.concatenate([head_a, tail_a * prev_a], axis=1)
     return new_a, new_b

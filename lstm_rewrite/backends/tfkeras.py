@@ -48,6 +48,7 @@ ops = types.SimpleNamespace(
     shape=lambda x: tuple(d if d is not None else tf.shape(x)[k] for k, d in enumerate(x.shape)),
     unstack=lambda x, axis=0: tf.unstack(x, axis=axis),
     convert_to_tensor=tf.convert_to_tensor,
+    any=lambda x, axis=None, keepdims=False: tf.reduce_any(x, axis=axis, keepdims=keepdims),
 )
 # Nested state lists (stacked cells), under keras.tree's names.
 tree = types.SimpleNamespace(flatten=tf.nest.flatten, pack_sequence_as=tf.nest.pack_sequence_as)
