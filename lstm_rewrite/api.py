@@ -69,7 +69,7 @@ def expose_cell_states(
             keeps Keras's own LSTM (cuDNN on a GPU) for h and rebuilds c and the gates from it
             outside the recurrence (`lstm_rewrite.reconstruct`); stateful LSTMs and LSTMs with
             recurrent dropout are traced anyway. ``"auto"`` (the default) reconstructs when
-            TensorFlow sees a GPU and traces otherwise. Other recurrent layers are always traced.
+            the Keras backend in use sees a GPU and traces otherwise. Other recurrent layers are always traced.
 
     Returns:
         A Keras model of the same flavour as ``model``; ``traced.rewrite_record`` describes what
