@@ -6,7 +6,7 @@ model saves to .keras and reloads to the same outputs.
 
 Profiles (environment variables):
 
-- ``FUZZ_EXAMPLES``: examples per flavour (default 10: the small profile of ``make test``;
+- ``FUZZ_EXAMPLES``: examples per flavour (default 6: the small profile of ``make test``;
   ``make fuzz`` runs 500).
 - ``FUZZ_SEED``: explore with this seed instead of the fixed, derandomized sequence of examples.
 - ``FUZZ_SHRINK=1``: shrink a failing example (minutes per failure: every try builds a model).
@@ -24,7 +24,7 @@ from hypothesis import seed as hypothesis_seed
 
 import fuzz_models
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "10"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "6"))
 SEED = os.environ.get("FUZZ_SEED")
 SHRINK = os.environ.get("FUZZ_SHRINK") == "1"
 
