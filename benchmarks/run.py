@@ -386,11 +386,15 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="rounds per grid cell (default 9, quick 7)")
     parser.add_argument("--call", choices=["compiled", "predict_on_batch"], default="compiled")
     parser.add_argument("--out", default=OUT)
+    parser.add_argument("--tables", metavar="JSON", help="print the tables of an earlier run's JSON and exit")
     parser.add_argument("--memory-child", nargs=2, metavar=("FLAVOUR", "SIZE"), help=argparse.SUPPRESS)
     parser.add_argument("--scaling-child", metavar="FLAVOUR", help=argparse.SUPPRESS)
     parser.add_argument("--layers", default=",".join(str(n) for n in SCALING_LAYERS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.tables:
+        with open(args.tables) as f:
+            return print_tables(json.load(f))
     if args.memory_child:
         return memory_child(*args.memory_child, args.call)
     if args.scaling_child:
@@ -405,31 +409,37 @@ def main(argv=None):
     results = {"profile": profile, "call": args.call, "repeats": repeats, "machine": common.machine_info(),
                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"machine: {results['machine']}", flush=True)
-    tables = []
     if "grid" in sections:
         results["grid"] = run_grid(flavours, sizes, kinds, repeats, args.call)
-        tables.append(("Grid: time per call, ratio to the original in parentheses", grid_table(results["grid"])))
     if "memory" in sections:
         results["memory"] = run_memory(flavours, sizes, args.call)
-        tables.append(("Peak resident memory growth of one call (one LSTM)", memory_table(results["memory"])))
     if "scaling" in sections:
         results["scaling"] = run_scaling(flavours, SCALING_LAYERS)
-        tables.append(("Rewrite + verification time", scaling_table(results["scaling"])))
     if "capture" in sections:
         results["capture"] = run_capture(flavours, 1024 if args.quick else 4096, 3)
-        tables.append(("cell_states throughput (medium LSTM, batch 64)", capture_table(results["capture"])))
     results["machine"]["load_average_end"] = list(os.getloadavg())
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"bench-{profile}.json"), "w") as f:
         json.dump(results, f, indent=1)
     plot(results, os.path.join(args.out, f"bench-{profile}.png"))
+    print_tables(results)
+    print(f"\nwrote {os.path.join(args.out, f'bench-{profile}.json')} and .png")
+
+
+def print_tables(results):
     machine = results["machine"]
     print(f"\n{machine['cpu']}, {machine['cores']} cores, load {machine['load_average'][0]:.1f} -> "
-          f"{machine['load_average_end'][0]:.1f}; TF {machine['tensorflow']}, Keras {machine['keras3']}, "
-          f"tf-keras {machine['tfkeras']}; {args.call} calls, {repeats} rounds")
-    for title, table in tables:
-        print(f"\n### {title}\n\n{table}")
-    print(f"\nwrote {os.path.join(args.out, f'bench-{profile}.json')} and .png")
+          f"{machine.get('load_average_end', [float('nan')])[0]:.1f}; TF {machine['tensorflow']}, Keras "
+          f"{machine['keras3']}, tf-keras {machine['tfkeras']}; {results['call']} calls, {results['repeats']} rounds")
+    sections = [
+        ("grid", "Grid: time per call, ratio to the original in parentheses", grid_table),
+        ("memory", "Peak resident memory growth of one call (one LSTM)", memory_table),
+        ("scaling", "Rewrite + verification time", scaling_table),
+        ("capture", "cell_states throughput (medium LSTM, batch 64)", capture_table),
+    ]
+    for key, title, table in sections:
+        if results.get(key):
+            print(f"\n### {title}\n\n{table(results[key])}")
 
 
 if __name__ == "__main__":

@@ -575,7 +575,12 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
                     sequence_q = parts[1 + self.extras.index(quantity)]
                 else:
                     sequence_q = parts[0]  # the output_alias
-                if step_mask is not None and quantity in self.state_index:
+                # Without an initial state the loop's zero output before the first valid step is
+                # already the zero state carried there: nothing to put back (and 3 passes saved).
+                # Except for the output part: tf-keras hangs masks on tensor objects, so the
+                # exposed copy must be a tensor of its own or it would take the output's mask.
+                carry = initial_state is not None or sequence_q is parts[0]
+                if step_mask is not None and quantity in self.state_index and carry:
                     sequence_q = _carry_initial_state(
                         sequence_q, step_mask, initial_state, self.state_index[quantity]
                     )
