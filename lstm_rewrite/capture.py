@@ -819,7 +819,7 @@ def cell_states(
     batch_size: int = 32,
     out: str | os.PathLike | None = None,
     progress: bool = True,
-    compression: str | None = "gzip",
+    compression: str | None = None,
 ) -> CellStates:
     """Run ``model`` over ``data`` and return every exposed state at every step.
 
@@ -836,7 +836,9 @@ def cell_states(
             valid lengths under ``lengths/``, names and config as attributes). The file is written
             under a temporary name and renamed at the end; on any error it is removed.
         progress: show a tqdm progress bar on stderr.
-        compression: HDF5 compression filter for ``out`` (``"gzip"``, ``"lzf"`` or ``None``).
+        compression: HDF5 compression filter for ``out`` (``"gzip"``, ``"lzf"`` or ``None``). None
+            by default: gzip cut capture to about a third of ``predict``'s throughput
+            (benchmarks/RESULTS.md), where an uncompressed file keeps up with it.
 
     Returns:
         CellStates: name -> ``(sequences, time, units)``, e.g. ``cs["encoder.c"]``, plus
