@@ -216,7 +216,8 @@ def test_hdf5_round_trip_equals_memory(flavour, tmp_path):
     x = padded_tokens(13)
     memory = cell_states(model, x, states=("c", "gates"), batch_size=5, progress=False)
     path = tmp_path / "states.h5"
-    with cell_states(model, x, states=("c", "gates"), batch_size=5, out=path, progress=False) as disk:
+    with cell_states(model, x, states=("c", "gates"), batch_size=5, out=path, progress=False,
+                     compression="gzip") as disk:
         assert disk.path == str(path)
         assert isinstance(disk["encoder.c"], h5py.Dataset)  # lazy, not loaded
         assert set(disk) == set(memory) == {"encoder.c", "encoder.i", "encoder.f", "encoder.g", "encoder.o"}
