@@ -150,7 +150,8 @@ class _ProgramDrawer:
         self.values: list[_Value] = []
         self.producers: list[str] = []  # the op kind that made each value
         self.consumed: set = set()
-        self.created: dict = {}  # layer/model name -> {"op", "in_features", "results_fn"}
+        self.created: dict = {}  # layer or nested model name -> {"op", "in_features", "results" (nested)}
+        self.batch = 2  # set by model_specs; nested programs take their parent's
 
     # -- helpers ------------------------------------------------------------------------------
 
