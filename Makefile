@@ -25,7 +25,7 @@ test: setup
 
 # Property-based fuzzing at full size (the suite runs a small profile).
 fuzz: setup
-	FUZZ_EXAMPLES=500 $(PY) -m pytest -q tests/test_fuzz.py
+	FUZZ_EXAMPLES=500 FUZZ_FAILURES=fuzz_failures.txt $(PY) -m pytest -q tests/test_fuzz.py
 
 # Benchmark tables (scripts, not tests); figures land in benchmarks/out/.
 bench: setup
