@@ -565,7 +565,7 @@ class ReplacementBuilder:
 
     def _wrap(self, layer, name, cell, return_sequences, return_state, **traced_config):
         backend = self.backend
-        rnn = backend.RNN(
+        rnn = backend.InnerRNN(
             cell, return_sequences=True, return_state=True, go_backwards=layer.go_backwards,
             stateful=layer.stateful, unroll=layer.unroll, zero_output_for_mask=False, name="rnn",
             dtype=backend.dtype_policy(layer),

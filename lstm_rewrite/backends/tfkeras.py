@@ -73,6 +73,7 @@ TracedConvLSTMCell = _traced["TracedConvLSTMCell"]
 TracedCell = _traced["TracedCell"]
 TracedStackedCells = _traced["TracedStackedCells"]
 TracedRNN = _traced["TracedRNN"]
+InnerRNN = RNN  # tf-keras's RNN keeps a tuple of step outputs apart already
 TracedBidirectional = _traced["TracedBidirectional"]
 
 
