@@ -17,6 +17,7 @@ import contextvars
 import dataclasses
 import inspect
 import math
+import sys
 
 import numpy as np
 
@@ -141,6 +142,8 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
         A dict of the classes, keyed by class name.
     """
     layers = keras.layers
+    # Keras 3's symbolic tensor (None in tf-keras, whose layers are traced into a real graph).
+    symbolic_tensor = getattr(keras, "KerasTensor", None)
 
     class TracedLSTMCell(layers.LSTMCell):
         """The Keras LSTM step, emitting ``concat([h, *extras])`` as its output.
@@ -493,7 +496,12 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
             # Build the inner RNN here, not lazily in call: Keras 3 traces call in a stateless scope
             # where a stateful RNN could not create its state variables.
             if not self.rnn.built:
-                self.rnn.build(input_shape)
+                if shapes_only_active():
+                    # The rewrite copies the original weights in right after: skip the initializers.
+                    with _zero_initializers(self.rnn.cell):
+                        self.rnn.build(input_shape)
+                else:
+                    self.rnn.build(input_shape)
             self.built = True
 
         @property
@@ -516,20 +524,25 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
                 return list(sequence)
             if len(sequence.shape) == 4 and self.part_shapes is None and self.part_sizes is None:
                 return [sequence[k] for k in range(int(sequence.shape[0]))]
-            count = 1 + len(self.extras)
-            sizes = self.part_sizes or [int(sequence.shape[-1]) // count] * count
             parts, start = [], 0
             lead = None
-            for k, size in enumerate(sizes):
+            for shape in self._step_shapes(int(sequence.shape[-1])):
+                size = math.prod(shape)
                 part = sequence[..., start:start + size]
                 start += size
-                shape = self.part_shapes[k] if self.part_shapes else None
-                if shape is not None:
+                if len(shape) > 1:
                     if lead is None:
                         lead = tuple(ops.shape(sequence)[:2])
                     part = ops.reshape(part, lead + shape)  # [batch, time, *shape]
                 parts.append(part)
             return parts
+
+        def _step_shapes(self, width):
+            """Per part of ``[output, *extras]``, its per-step shape, given their total ``width``."""
+            count = 1 + len(self.extras)
+            sizes = self.part_sizes or [width // count] * count
+            return [self.part_shapes[k] if self.part_shapes and self.part_shapes[k] is not None else (size,)
+                    for k, size in enumerate(sizes)]
 
         def _inner_states(self, states):
             """The flat list of initial states as the inner RNN takes them: flattened per state
@@ -549,7 +562,7 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
             mask = _first_mask(mask)
             _reset_dropout_masks(self.rnn.cell)
             if shapes_only_active():
-                results = _zeros_for_rnn(self.rnn, inputs)
+                results = _zeros_for_rnn(self.rnn, inputs, self._step_shapes)
             if not shapes_only_active() or results is None:
                 results = self.rnn(inputs, initial_state=self._inner_states(initial_state), mask=mask,
                                    training=training)
@@ -593,6 +606,18 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
                     step_mask = ops.ones_like(step_mask)
                 outputs.append(ops.cast(step_mask, "float32"))
             return outputs
+
+        def compute_output_spec(self, inputs, initial_state=None, mask=None, training=None):
+            # Keras 3 finds a layer's output specs by tracing ``call`` into a scratch graph, ops
+            # that cost ~0.5 ms each to create. Within `shapes_only`, ``call`` runs on the symbolic
+            # inputs themselves instead: Keras 3's ops infer shapes in Python, and the whole call
+            # creates no graph op (a third of the rewrite's time for a chain of LSTMs).
+            if shapes_only_active() and symbolic_tensor is not None and isinstance(inputs, symbolic_tensor):
+                outputs = self.call(inputs, initial_state=initial_state, mask=mask, training=training)
+                # One new tensor per output: call may return one tensor twice (the output and the
+                # exposed h), and Keras maps a node's outputs by identity when it runs the graph.
+                return [symbolic_tensor(t.shape, dtype=t.dtype) for t in outputs]
+            return super().compute_output_spec(inputs, initial_state=initial_state, mask=mask, training=training)
 
         def compute_mask(self, inputs, mask=None):
             mask = _first_mask(mask)
@@ -723,26 +748,61 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
             config["backward"] = TracedRNN.from_config(config["backward"], custom_objects)
             return cls(**config)
 
-    def _zeros_for_rnn(rnn, inputs):
-        """``[sequence, *flat_final_states]`` of ``rnn`` on ``inputs`` as zeros (see `shapes_only`);
-        None when the inner RNN cannot tell its output shapes."""
+    def _zeros_for_rnn(rnn, inputs, step_shapes):
+        """``[parts, *flat_final_states]`` of ``rnn`` on ``inputs`` as zeros (see `shapes_only`), the
+        sequence already cut into parts as ``step_shapes(width)`` tells; None when the inner RNN
+        cannot tell its output shapes."""
         try:
             shapes = _flat_shapes(rnn.compute_output_shape(tuple(inputs.shape)))
         except (ValueError, TypeError, AttributeError, NotImplementedError):
             return None
-        # The sequence is [batch, time, ...], each state [batch, ...].
-        return [_zeros_shaped(inputs, shape, rnn.compute_dtype, 2 if k == 0 else 1) for k, shape in enumerate(shapes)]
+        # The sequence is [batch, time, ...], each state [batch, ...]; batch and time as ``inputs``
+        # has them. Only their shapes matter, so a symbolic input gets placeholders: Keras 3's
+        # KerasTensor (no graph op at all), or one placeholder op in a TensorFlow graph, where
+        # zeros of a dynamic batch size cost five ops (~0.4 ms each to create).
+        placeholder = _placeholder_maker(inputs)
+        batch, steps = tuple(inputs.shape)[:2] if placeholder else ops.shape(inputs)[:2]
+        make = placeholder or ops.zeros
+        sequence, *states = shapes
+        parts = [make((batch, steps) + tuple(shape), rnn.compute_dtype)
+                 for shape in step_shapes(math.prod(int(d) for d in sequence[2:]))]
+        return [parts] + [make((batch,) + tuple(int(d) for d in shape[1:]), rnn.compute_dtype) for shape in states]
 
-    def _zeros_shaped(inputs, shape, dtype, lead):
-        """Zeros of ``shape`` whose first ``lead`` sizes (batch, or batch and time) are those of
-        ``inputs``; built by broadcasting so that the static shape stays known."""
-        base = inputs[(slice(None),) * lead + (0,) * (len(inputs.shape) - lead)]  # [batch(, time)]
-        base = ops.zeros_like(ops.cast(base, "float32"))
-        for _ in shape[lead:]:
-            base = ops.expand_dims(base, -1)
-        # A backend tensor of zeros, not a NumPy array: torch cannot add NumPy to a CUDA tensor.
-        trailing = ops.zeros(tuple(int(d) for d in shape[lead:]), "float32")
-        return ops.cast(base + trailing, dtype)
+    def _placeholder_maker(inputs):
+        """``make(shape, dtype)`` for a symbolic ``inputs`` (Keras 3 or in a TensorFlow graph), else None."""
+        if symbolic_tensor is not None and isinstance(inputs, symbolic_tensor):
+            return symbolic_tensor
+        tf = sys.modules.get("tensorflow")
+        if tf is not None and tf.is_tensor(inputs) and tf.is_symbolic_tensor(inputs):
+            return lambda shape, dtype: tf.raw_ops.Placeholder(dtype=tf.as_dtype(dtype), shape=shape)
+        return None
+
+    @contextlib.contextmanager
+    def _zero_initializers(cell):
+        """Within this block ``cell`` (and the cells inside it) initialise weights with zeros.
+
+        Random and orthogonal initialisers run eagerly, a few ops per weight: 30% of rewriting a
+        chain of LSTMs, for values the copied weights overwrite at once.
+        """
+        zeros = keras.initializers.Zeros()
+        saved = []
+        for sub in _cells_within(cell):
+            for name, value in list(vars(sub).items()):
+                if name.endswith("_initializer") and isinstance(value, keras.initializers.Initializer):
+                    saved.append((sub, name, value))
+        try:
+            for sub, name, _ in saved:
+                object.__setattr__(sub, name, zeros)
+            yield
+        finally:
+            for sub, name, value in saved:
+                object.__setattr__(sub, name, value)
+
+    def _cells_within(cell):
+        found = [cell]
+        for sub in list(getattr(cell, "cells", [])) + ([cell.cell] if isinstance(cell, TracedCell) else []):
+            found.extend(_cells_within(sub))
+        return found
 
     def _reset_dropout_masks(cell):
         # Each RNN call resets the dropout masks of the cells it knows (a DropoutRNNCell, the cells of

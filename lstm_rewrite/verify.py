@@ -24,7 +24,7 @@ FLOAT32_TOLERANCE = (1e-5, 1e-4)  # (atol, rtol)
 HALF_TOLERANCE = (1e-2, 1e-2)
 GPU_TOLERANCE = (2e-3, 2e-3)
 DEFAULT_BATCH = 3
-DEFAULT_TIME = 7
+DEFAULT_TIME = 4
 
 
 @dataclasses.dataclass(frozen=True)
