@@ -249,9 +249,9 @@ def define_reconstructed_layers(keras, traced: dict, ops=None) -> dict:
         def _states(self, inputs, sequence, step_mask, initial_state, dtype):
             """The exposed sequences, rebuilt from the h sequence, in ``self.exposed`` order."""
             cell = self.rnn.cell
-            zeros = ops.zeros_like(sequence[:, 0])  # [batch, units]
-            h0 = zeros if initial_state is None else ops.cast(initial_state[0], dtype)
-            c0 = zeros if initial_state is None else ops.cast(initial_state[1], dtype)
+            # Initial states; None stands for zeros (the scans then skip folding them in).
+            h0 = None if initial_state is None else ops.cast(initial_state[0], dtype)
+            c0 = None if initial_state is None else ops.cast(initial_state[1], dtype)
             # [batch, time, 1]
             valid = None if step_mask is None else ops.expand_dims(ops.cast(step_mask, dtype), -1)
             # h as carried by the recurrence: the h of the last valid step, h0 before any.
@@ -261,7 +261,8 @@ def define_reconstructed_layers(keras, traced: dict, ops=None) -> dict:
                 x = ops.cast(inputs, dtype)
                 if self.rnn.go_backwards:
                     x = ops.flip(x, axis=1)
-                h_prev = ops.concatenate([ops.expand_dims(h0, 1), h[:, :-1]], axis=1)  # [batch, time, units]
+                first = ops.zeros_like(h[:, :1]) if h0 is None else ops.expand_dims(h0, 1)
+                h_prev = ops.concatenate([first, h[:, :-1]], axis=1)  # [batch, time, units]
                 kernel = ops.cast(ops.convert_to_tensor(cell.kernel), dtype)
                 recurrent_kernel = ops.cast(ops.convert_to_tensor(cell.recurrent_kernel), dtype)
                 # [batch, time, 4 units]
@@ -270,7 +271,8 @@ def define_reconstructed_layers(keras, traced: dict, ops=None) -> dict:
                     z = z + ops.cast(ops.convert_to_tensor(cell.bias), dtype)
                 z_i, z_f, z_g, z_o = ops.split(z, 4, axis=-1)
                 i, f = cell.recurrent_activation(z_i), cell.recurrent_activation(z_f)
-                g, o = cell.activation(z_g), cell.recurrent_activation(z_o)
+                g = cell.activation(z_g)
+                o = cell.recurrent_activation(z_o) if "o" in self.exposed else None
                 decay, drive = f, i * g
                 if valid is not None:
                     decay, drive = valid * f + (1 - valid), valid * drive
@@ -281,7 +283,7 @@ def define_reconstructed_layers(keras, traced: dict, ops=None) -> dict:
                     # Gates on masked steps hold their last valid value, zero before any (as the loop's
                     # repeated outputs do): one scan over the wanted gates side by side.
                     stacked = ops.concatenate([gates[q] for q in wanted], axis=-1)
-                    filled = linear_scan(1 - valid, valid * stacked, ops.zeros_like(stacked[:, 0]), ops)
+                    filled = linear_scan(1 - valid, valid * stacked, None, ops)
                     gates.update(zip(wanted, ops.split(filled, len(wanted), axis=-1)))
                 found.update(gates)
             return [found[q] for q in self.exposed]
@@ -352,7 +354,7 @@ def linear_scan(a, b, initial, ops=None):
 
     Args:
         a, b: ``[batch, time, ...]`` tensors of the same shape and dtype.
-        initial: ``[batch, ...]``, the state before the first step.
+        initial: ``[batch, ...]``, the state before the first step; None for zeros.
         ops: the op namespace (``keras.ops`` or the tf-keras backend's shim); by default
             ``keras.ops`` when Keras 3 is installed, else the shim.
 
@@ -364,13 +366,16 @@ def linear_scan(a, b, initial, ops=None):
         array([1.  , 1.5 , 1.75], dtype=float32)  # as the backend's tensor
     """
     ops = ops or _default_ops()
-    # Fold the initial state into the first step: s_0 = a_0 * initial + b_0.
-    b = ops.concatenate([b[:, :1] + a[:, :1] * ops.expand_dims(initial, 1), b[:, 1:]], axis=1)
+    if initial is not None:
+        # Fold the initial state into the first step: s_0 = a_0 * initial + b_0.
+        b = ops.concatenate([b[:, :1] + a[:, :1] * ops.expand_dims(initial, 1), b[:, 1:]], axis=1)
     steps = a.shape[1]
     if steps is not None:
+        # Each op is a kernel launch on a GPU, which is what a scan of small tensors costs there:
+        # the last round needs no new a.
         shift = 1
         while shift < steps:
-            a, b = _compose(a, b, shift, steps, ops)
+            a, b = _compose(a, b, shift, steps, ops, last=2 * shift >= steps)
             shift *= 2
         return b
     return _tf_while_scan(a, b, ops)
@@ -401,10 +406,12 @@ def _tf_while_scan(a, b, ops):
     return b
 
 
-def _compose(a, b, shift, count, ops):
-    """One scan round: step t absorbs step t - shift (steps before ``shift`` are already complete)."""
-    head_b, tail_b, prev_b = b[:, :shift], b[:, shift:], b[:, :count - shift]
-    head_a, tail_a, prev_a = a[:, :shift], a[:, shift:], a[:, :count - shift]
-    new_b = ops.concatenate([head_b, tail_a * prev_b + tail_b], axis=1)
-    new_a = ops.concatenate([head_a, tail_a * prev_a], axis=1)
+def _compose(a, b, shift, count, ops, last=False):
+    """One scan round: step t absorbs step t - shift (steps before ``shift`` are already complete).
+    With ``last``, a is not needed any more and comes back unchanged."""
+    tail_a = a[:, shift:]
+    new_b = ops.concatenate([b[:, :shift], tail_a * b[:, :count - shift] + b[:, shift:]], axis=1)
+    if last:
+        return a, new_b
+    new_a = ops.concatenate([a[:, :shift], tail_a * a[:, :count - shift]], axis=1)
     return new_a, new_b

@@ -227,3 +227,11 @@ def test_linear_scan_matches_a_loop():
     # Unknown time length: the rounds run in a while loop.
     dynamic = tf.function(linear_scan, input_signature=[tf.TensorSpec((None, None, 3))] * 2 + [tf.TensorSpec((None, 3))])
     np.testing.assert_allclose(dynamic(a, b, s0), want, rtol=1e-5, atol=1e-6)
+    # No initial state: zeros. Lengths around powers of two (where the last round falls).
+    for steps in (1, 2, 7, 8, 9, 11):
+        want, state = [], np.zeros((2, 3))
+        for t in range(steps):
+            state = a[:, t] * state + b[:, t]
+            want.append(state)
+        got = linear_scan(tf.constant(a[:, :steps]), tf.constant(b[:, :steps]), None)
+        np.testing.assert_allclose(got, np.stack(want, axis=1), rtol=1e-5, atol=1e-6, err_msg=f"{steps} steps")
