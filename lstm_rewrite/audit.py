@@ -964,6 +964,7 @@ def audit(
         True
     """
     from .capture import iter_state_batches
+    from .rewrite import site_orientations
 
     thresholds = AuditThresholds.coerce(thresholds)
     record = getattr(model, "rewrite_record", None)
@@ -975,31 +976,12 @@ def audit(
     else:
         traced = model
     classes = {e.layer: getattr(e, "layer_class", None) for e in record.exposed}
-    planned = _planned_orientations(model) if traced is not model else {}
+    planned = site_orientations(model) if traced is not model else {}
     orientations = {e.layer: planned.get(e.layer) or _orientation(model, e) for e in record.exposed}
     batches = iter_state_batches(traced, data, states=None, layers=None, batch_size=batch_size,
                                  progress=progress)
     return audit_batches(batches, labels=labels, thresholds=thresholds, layer_classes=classes,
                          orientations=orientations)
-
-
-def _planned_orientations(model) -> dict[str, str]:
-    """Orientation of every LSTM site of an original model, from the rewrite's own plan."""
-    from .errors import LstmRewriteError
-    from .rewrite import plan_rewrite
-
-    try:
-        sites = plan_rewrite(model)
-    except LstmRewriteError:
-        return {}
-    found = {}
-    for site in sites:
-        if site.kind == "bidirectional":
-            found[f"{site.site}.forward"] = "forward"
-            found[f"{site.site}.backward"] = "backward_aligned"
-        else:
-            found[site.site] = "go_backwards" if getattr(site.layer, "go_backwards", False) else "forward"
-    return found
 
 
 def _orientation(model, exposed) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError, InvalidArgumentError, LstmRewriteError
+from .errors import DataError, InvalidArgumentError
 
 __all__ = ["StateBatch", "CellStates", "iter_state_batches", "cell_states", "FILE_FORMAT"]
 
@@ -62,7 +62,13 @@ class _InputSpec:
     dtype: np.dtype
 
 
-def _input_specs(model) -> list[_InputSpec]:
+def input_specs(model) -> list[_InputSpec]:
+    """Name, per-sequence shape and dtype of each of ``model``'s inputs, in order.
+
+    Example:
+        >>> [s.name for s in input_specs(model)]
+        ['tokens']
+    """
     specs = []
     for tensor in model.inputs:
         shape = tuple(None if d is None else int(d) for d in tuple(tensor.shape)[1:])
@@ -120,6 +126,11 @@ def _structure_to_dict(batch, specs: Sequence[_InputSpec], where: str) -> dict[s
 
 def _check_array(name: str, value, spec: _InputSpec, where: str) -> np.ndarray:
     """Validate one input array (shape, dtype, finiteness) and cast it to the model's input dtype."""
+    if isinstance(value, (str, bytes, os.PathLike)):
+        raise DataError(
+            f"Input {name!r} {where} is a file name, not an array: load it first (np.load(path) for .npy, "
+            f"np.load(path)[key] for .npz). Received: {value!r:.200}"
+        )
     try:
         array = np.asarray(value)
     except Exception as exc:  # ragged lists and the like
@@ -157,7 +168,8 @@ def _check_array(name: str, value, spec: _InputSpec, where: str) -> np.ndarray:
             bad = tuple(int(i) for i in np.argwhere(~finite)[0])
             raise DataError(
                 f"Input {name!r} {where} contains NaN or Inf (first at index {bad}). Clean or impute "
-                f"the data before capturing states. Received: {_describe(array)}"
+                f"the data first: a NaN input makes every state after it NaN, and NaN outputs would "
+                f"\"agree\" in a comparison. Received: {_describe(array)}"
             )
         if spec.dtype.kind in "iub" and not np.array_equal(array, np.round(array)):
             raise DataError(
@@ -168,7 +180,13 @@ def _check_array(name: str, value, spec: _InputSpec, where: str) -> np.ndarray:
     return array.astype(spec.dtype, copy=False)
 
 
-def _validate_batch(batch, specs: Sequence[_InputSpec], where: str) -> dict[str, np.ndarray]:
+def validate_batch(batch, specs: Sequence[_InputSpec], where: str) -> dict[str, np.ndarray]:
+    """Check one batch against ``specs`` (count, rank, sizes, dtype, empty, NaN/Inf) and return
+    ``{input name: array}`` in the model's dtypes; ``where`` places the data in messages.
+
+    Raises:
+        DataError: naming the input, what was expected and what was received.
+    """
     arrays = _structure_to_dict(batch, specs, where)
     checked = {s.name: _check_array(s.name, arrays[s.name], s, where) for s in specs}
     sizes = {n: a.shape[0] for n, a in checked.items()}
@@ -238,8 +256,8 @@ class _Batches:
             self._batches = None if cardinality < 0 else cardinality
             self._source = lambda: (_split_inputs(e, specs) for e in dataset.as_numpy_iterator())
             self._kind = "batch"
-        elif isinstance(data, (np.ndarray, Mapping, list, tuple)) or hasattr(data, "__array__"):
-            arrays = _validate_batch(data, specs, "passed as data")
+        elif isinstance(data, (np.ndarray, Mapping, list, tuple, str, bytes, os.PathLike)) or hasattr(data, "__array__"):
+            arrays = validate_batch(data, specs, "passed as data")
             self.total = next(iter(arrays.values())).shape[0]
             self._batches = math.ceil(self.total / batch_size)
             self._source = lambda: ({n: a[i:i + batch_size] for n, a in arrays.items()}
@@ -267,7 +285,7 @@ class _Batches:
             if self._kind == "checked":
                 yield batch
                 continue
-            arrays = _validate_batch(batch, self.specs, f"in batch {index}")
+            arrays = validate_batch(batch, self.specs, f"in batch {index}")
             seen += 1
             yield arrays
         if self._kind == "batch" and seen == 0:
@@ -329,24 +347,6 @@ def _select_exposed(record, states, layers) -> list:
     return exposed
 
 
-def _reversed_sites(model) -> dict[str, bool]:
-    """Which exposed layers run backwards in time: a plain ``go_backwards`` LSTM's states stay in
-    processing order (index 0 = last input step); Bidirectional states are aligned to input time."""
-    from .rewrite import plan_rewrite
-
-    try:
-        sites = plan_rewrite(model)
-    except LstmRewriteError:
-        return {}
-    found = {}
-    for site in sites:
-        if site.kind == "bidirectional":
-            found[f"{site.site}.forward"] = found[f"{site.site}.backward"] = False
-        else:
-            found[site.site] = bool(getattr(site.layer, "go_backwards", False))
-    return found
-
-
 def _trace(model_or_traced, states, layers):
     """Return (traced model, exposed outputs, {layer prefix: mask output name or None}, reversed)."""
     record = getattr(model_or_traced, "rewrite_record", None)
@@ -355,7 +355,11 @@ def _trace(model_or_traced, states, layers):
         traced = model_or_traced
         exposed = _select_exposed(record, states, layers)
     else:
-        reversed_sites = _reversed_sites(model_or_traced)
+        from .rewrite import site_orientations
+
+        # A plain go_backwards layer's states stay in processing order; Bidirectional's are aligned.
+        reversed_sites = {site: orientation == "go_backwards"
+                          for site, orientation in site_orientations(model_or_traced).items()}
         from . import expose_cell_states
 
         traced = expose_cell_states(
@@ -403,7 +407,7 @@ def _runner(traced, output_names: list[str]) -> Callable[[Mapping[str, np.ndarra
         )
     outputs = [traced.outputs[all_names.index(n)] for n in output_names]
     sub = keras_module(flavour_of(traced)).Model(traced.inputs, outputs)
-    specs = _input_specs(traced)
+    specs = input_specs(traced)
     input_names = [s.name for s in specs]
     # One graph for every batch: batch size (the last batch is smaller) and, where the model allows
     # it, sequence length are left open instead of tracing the LSTM loop once per shape.
@@ -432,13 +436,13 @@ def _iter(model_or_traced, data, states, layers, batch_size, progress):
         raise InvalidArgumentError(f"batch_size must be a positive integer. Received: batch_size={batch_size!r}")
     # Validate the data against the model's own inputs before paying for the rewrite.
     try:
-        specs = _input_specs(model_or_traced)
+        specs = input_specs(model_or_traced)
     except (AttributeError, ValueError, TypeError):
         specs = None  # unbuilt or unusual model: the rewrite explains what is wrong with it
     batches = None if specs is None else _Batches(data, specs, int(batch_size))
     traced, exposed, masks, reversed_layers = _trace(model_or_traced, states, layers)
     if batches is None:
-        specs = _input_specs(traced)
+        specs = input_specs(traced)
         batches = _Batches(data, specs, int(batch_size))
     state_names = [e.name for e in exposed]
     mask_names = [m for m in dict.fromkeys(masks.values()) if m is not None]
@@ -696,7 +700,10 @@ class _H5Sink:
             )
         self.tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.partial")
         self.compression = compression
-        self.file = h5py.File(self.tmp, "w")
+        try:
+            self.file = h5py.File(self.tmp, "w")
+        except OSError as error:  # h5py names only the temporary file
+            raise OSError(error.errno, f"Cannot write states to {path!r}: {error}. Pick a writable path for out=.") from error
         self.rows = 0
         self.steps = 0  # current time dimension of every dataset
         self._mask_prefixes: list[str] = []
@@ -873,6 +880,16 @@ def cell_states(
             "flavour": flavour_of(traced),
         }
         return sink.finish(info, config)
+    except OSError as error:
+        sink.abort()
+        if out is None:
+            raise
+        # h5py reports a full disk or a lost mount without the file's name; nothing is left behind.
+        raise OSError(
+            error.errno,
+            f"Writing states to {os.fspath(out)!r} failed: {error}. Nothing was written (the partial "
+            f"file was removed); free space or pick another path for out=.",
+        ) from error
     except BaseException:
         sink.abort()
         raise

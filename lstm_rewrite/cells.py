@@ -19,7 +19,6 @@ import inspect
 import math
 import sys
 
-import numpy as np
 
 # Per-step quantities an LSTM can expose, in output order (c first: it is why the library exists).
 LSTM_QUANTITIES = ("c", "h", "i", "f", "g", "o")
@@ -122,6 +121,36 @@ def generic_family(num_states: int) -> CellFamily:
     """The family of a custom cell with ``num_states`` (flattened) states: state0, state1, ..."""
     names = tuple(f"{STATE_PREFIX}{k}" for k in range(num_states))
     return CellFamily("generic", names, (), names, {name: k for k, name in enumerate(names)})
+
+
+def first_mask(mask):
+    """The mask of a recurrent call's sequence input (tf-keras hands a list of masks when initial
+    states are folded into the inputs)."""
+    if isinstance(mask, (list, tuple)):
+        return mask[0] if mask else None
+    return mask
+
+
+class WrapsRecurrentLayer:
+    """What the traced and reconstructed layers share: each wraps an inner recurrent layer
+    ``self.rnn`` and returns ``[output, *final_states (if return_state), *exposed, mask (if
+    expose_mask)]``, of which only the output carries the input's mask."""
+
+    @property
+    def go_backwards(self):
+        return self.rnn.go_backwards
+
+    def compute_mask(self, inputs, mask=None):
+        mask = first_mask(mask)
+        count = 1 + (self.num_states if self.return_state else 0) + len(self.exposed) + int(self.expose_mask)
+        output_mask = mask if self.return_sequences else None
+        return [output_mask] + [None] * (count - 1)
+
+    def reset_states(self):
+        self.rnn.reset_states()
+
+    def reset_state(self):  # Keras 3's name for it
+        self.reset_states()
 
 
 def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_cell):
@@ -431,7 +460,7 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
             config["cells"] = [layers.deserialize(c, custom_objects=known) for c in config["cells"]]
             return cls(**config)
 
-    class TracedRNN(layers.Layer):
+    class TracedRNN(WrapsRecurrentLayer, layers.Layer):
         """A recurrent layer call rewritten to also return its per-step states.
 
         Wraps ``rnn``, an ``RNN`` over a traced cell configured with ``return_sequences=True``,
@@ -505,10 +534,6 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
             self.built = True
 
         @property
-        def go_backwards(self):
-            return self.rnn.go_backwards
-
-        @property
         def num_states(self):
             if self.state_count is not None:
                 return self.state_count
@@ -559,7 +584,7 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
 
         @_plain_python
         def call(self, inputs, initial_state=None, mask=None, training=None):
-            mask = _first_mask(mask)
+            mask = first_mask(mask)
             _reset_dropout_masks(self.rnn.cell)
             if shapes_only_active():
                 results = _zeros_for_rnn(self.rnn, inputs, self._step_shapes)
@@ -618,15 +643,6 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
                 # exposed h), and Keras maps a node's outputs by identity when it runs the graph.
                 return [symbolic_tensor(t.shape, dtype=t.dtype) for t in outputs]
             return super().compute_output_spec(inputs, initial_state=initial_state, mask=mask, training=training)
-
-        def compute_mask(self, inputs, mask=None):
-            mask = _first_mask(mask)
-            count = 1 + (self.num_states if self.return_state else 0) + len(self.exposed) + int(self.expose_mask)
-            output_mask = mask if self.return_sequences else None
-            return [output_mask] + [None] * (count - 1)
-
-        def reset_states(self):
-            self.rnn.reset_states()
 
         def get_config(self):
             config = {
@@ -693,7 +709,7 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
 
         @_plain_python
         def call(self, inputs, initial_state=None, mask=None, training=None):
-            mask = _first_mask(mask)
+            mask = first_mask(mask)
             forward_state = backward_state = None
             if initial_state is not None:
                 half = len(initial_state) // 2
@@ -720,7 +736,7 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
             return merged + finals + forward_extra + backward_extra
 
         def compute_mask(self, inputs, mask=None):
-            mask = _first_mask(mask)
+            mask = first_mask(mask)
             merged = 2 if self.merge_mode is None else 1
             states = (self.forward_layer.num_states + self.backward_layer.num_states) if self.return_state else 0
             extras = sum(len(l.exposed) + int(l.expose_mask) for l in (self.forward_layer, self.backward_layer))
@@ -730,6 +746,9 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
         def reset_states(self):
             self.forward_layer.reset_states()
             self.backward_layer.reset_states()
+
+        def reset_state(self):  # Keras 3's name for it
+            self.reset_states()
 
         def get_config(self):
             return {
@@ -816,12 +835,6 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
                 if callable(getattr(sub, reset, None)):
                     getattr(sub, reset)()
             _reset_dropout_masks(sub)
-
-    def _first_mask(mask):
-        # tf-keras hands a list of masks when initial states are folded into the inputs.
-        if isinstance(mask, (list, tuple)):
-            return mask[0] if mask else None
-        return mask
 
     def _expand_like(step_mask, tensor):
         # [batch, time] -> [batch, time, 1, ...] to broadcast over the state's trailing axes.

@@ -42,9 +42,9 @@ def _load(path: str, unsafe: bool):
 
 
 def _input_names(model) -> list[str]:
-    from .capture import _input_specs
+    from .capture import input_specs
 
-    return [s.name for s in _input_specs(model)]
+    return [s.name for s in input_specs(model)]
 
 
 def _read_arrays(path: str, what: str) -> dict[str, Any]:
@@ -158,7 +158,7 @@ def _other_recurrent_layers(model, covered: set[int], seen: set[int] | None = No
 
 
 def cmd_inspect(args) -> int:
-    from .capture import _input_specs
+    from .capture import input_specs
     from .loading import inspect_model_file
     from .rewrite import plan_rewrite
 
@@ -173,7 +173,7 @@ def cmd_inspect(args) -> int:
                  "keras_version": info.keras_version, "evidence": info.evidence},
         "model": {"name": model.name, "class": type(model).__name__,
                   "inputs": [{"name": s.name, "shape": [None, *s.shape], "dtype": str(s.dtype)}
-                             for s in _input_specs(model)],
+                             for s in input_specs(model)],
                   "outputs": [str(n) for n in getattr(model, "output_names", None) or []]},
         "recurrent_layers": [
             {"site": s.site, "layer": s.layer.name, "class": s.layer_class or type(s.layer).__name__,

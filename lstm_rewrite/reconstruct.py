@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .cells import LSTM_STATE_INDEX, _plain_python, shapes_only_active
+from .cells import LSTM_STATE_INDEX, WrapsRecurrentLayer, _plain_python, first_mask, shapes_only_active
 from .errors import InvalidArgumentError
 
 METHODS = ("auto", "trace", "reconstruct")
@@ -158,7 +158,7 @@ def define_reconstructed_layers(keras, traced: dict, ops=None) -> dict:
 
     layers = keras.layers
 
-    class ReconstructedLSTM(layers.Layer):
+    class ReconstructedLSTM(WrapsRecurrentLayer, layers.Layer):
         """An LSTM call rewritten to run the LSTM itself and rebuild its states from its h sequence.
 
         Wraps ``rnn``, a copy of the user's LSTM configured with ``return_sequences=True`` and
@@ -187,16 +187,12 @@ def define_reconstructed_layers(keras, traced: dict, ops=None) -> dict:
             self.built = True
 
         @property
-        def go_backwards(self):
-            return self.rnn.go_backwards
-
-        @property
         def num_states(self):
             return 2
 
         @_plain_python
         def call(self, inputs, initial_state=None, mask=None, training=None):
-            mask = _first_mask(mask)
+            mask = first_mask(mask)
             cell = self.rnn.cell
             if training is True and (cell.dropout or cell.recurrent_dropout):
                 raise InvalidArgumentError(
@@ -288,15 +284,6 @@ def define_reconstructed_layers(keras, traced: dict, ops=None) -> dict:
                 found.update(gates)
             return [found[q] for q in self.exposed]
 
-        def compute_mask(self, inputs, mask=None):
-            mask = _first_mask(mask)
-            count = 1 + (2 if self.return_state else 0) + len(self.exposed) + int(self.expose_mask)
-            output_mask = mask if self.return_sequences else None
-            return [output_mask] + [None] * (count - 1)
-
-        def reset_states(self):
-            self.rnn.reset_states()
-
         def get_config(self):
             return {
                 **super().get_config(),
@@ -324,12 +311,6 @@ def define_reconstructed_layers(keras, traced: dict, ops=None) -> dict:
                 direction = traced["TracedRNN"] if "extras" in config[key] else ReconstructedLSTM
                 config[key] = direction.from_config(config[key], custom_objects)
             return cls(**config)
-
-    def _first_mask(mask):
-        # tf-keras hands a list of masks when initial states are folded into the inputs.
-        if isinstance(mask, (list, tuple)):
-            return mask[0] if mask else None
-        return mask
 
     classes = {"ReconstructedLSTM": ReconstructedLSTM, "ReconstructedBidirectional": ReconstructedBidirectional}
     _DEFINED[keras.__name__] = classes

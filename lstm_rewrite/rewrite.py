@@ -30,7 +30,7 @@ from .cells import (
     generic_family,
     shapes_only,
 )
-from .errors import InvalidArgumentError, UnsupportedLayerError, UnsupportedModelError
+from .errors import InvalidArgumentError, LstmRewriteError, UnsupportedLayerError, UnsupportedModelError
 from .graph import build_graph, walk
 from .naming import MASK, output_name, parse_states, quantities_for, site_name
 
@@ -329,6 +329,30 @@ def classify(layer, site: str, select, backend) -> str:
         if select(site, layer):
             raise
         return "layer"
+
+
+def site_orientations(model) -> dict:
+    """How the states of each recurrent site of ``model`` run in time, by site name: "forward";
+    "go_backwards" (a backward layer's states stay in its processing order, index 0 = last input
+    step); "backward_aligned" (a Bidirectional's backward half, flipped back to input time).
+    Empty when the model cannot be rewritten.
+
+    Example:
+        >>> site_orientations(model)
+        {'bi.forward': 'forward', 'bi.backward': 'backward_aligned'}
+    """
+    try:
+        sites = plan_rewrite(model)
+    except LstmRewriteError:
+        return {}
+    found = {}
+    for site in sites:
+        if site.kind == "bidirectional":
+            found[f"{site.site}.forward"] = "forward"
+            found[f"{site.site}.backward"] = "backward_aligned"
+        else:
+            found[site.site] = "go_backwards" if getattr(site.layer, "go_backwards", False) else "forward"
+    return found
 
 
 def plan_rewrite(model, layers: LayerSelector = None, states=("c",)) -> list:

@@ -125,10 +125,10 @@ def checked_inputs(model, inputs):
     Example:
         >>> x = checked_inputs(model, np.zeros((2, 5, 4)))
     """
-    from .capture import _input_specs, _validate_batch
+    from .capture import input_specs, validate_batch
 
-    specs = _input_specs(model)
-    arrays = _validate_batch(inputs, specs, "passed as sample_inputs")
+    specs = input_specs(model)
+    arrays = validate_batch(inputs, specs, "passed as sample_inputs")
     fixed = _fixed_batch(list(model.inputs))
     rows = next(iter(arrays.values())).shape[0]
     if fixed is not None and rows != fixed:

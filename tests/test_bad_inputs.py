@@ -95,6 +95,7 @@ SAMPLE_CASES = {
     "wrong feature size": (one_lstm, np.zeros((2, 5, 3), "float32"), r"'x' .*size 3 on axis 2; the model expects 4"),
     "missing time axis": (one_lstm, np.zeros((2, 5), "float32"), r"'x' .*2 dimension\(s\); the model expects 3"),
     "strings": (one_lstm, np.array([["a", "b"]]), r"'x' .*dtype <U1.*expects numbers"),
+    "a file name": (one_lstm, "inputs.npy", r"'x' .*is a file name.*np\.load\(path\)"),
     "NaN": (one_lstm, with_nan(X, (1, 2, 0)), r"'x' .*NaN or Inf \(first at index \(1, 2, 0\)\)"),
     "Inf": (one_lstm, np.full((2, 5, 4), np.inf, "float32"), r"'x' .*NaN or Inf"),
     "empty batch": (one_lstm, np.zeros((0, 5, 4), "float32"), r"'x' .*is empty"),
@@ -152,8 +153,9 @@ def test_verify_with_a_traced_model_that_cannot_run_the_inputs(flavour):
 
 def test_cell_states_given_a_file_name_as_data(flavour, tmp_path):
     model = one_lstm(flavour.keras)
-    with pytest.raises(DataError, match=r"'x'.*dtype <U"):
-        cell_states(model, str(tmp_path / "x.npy"), out=tmp_path / "s.h5", progress=False)
+    for name in (str(tmp_path / "x.npy"), tmp_path / "x.npy"):
+        with pytest.raises(DataError, match=r"'x' passed as data is a file name.*np\.load\(path\)"):
+            cell_states(model, name, out=tmp_path / "s.h5", progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -187,6 +189,7 @@ def test_disk_full_inside_the_hdf5_writer(flavour, tmp_path, monkeypatch):
     with pytest.raises(OSError) as info:
         cell_states(model, data, states=("c", "h"), batch_size=2, out=tmp_path / "states.h5", progress=False)
     assert info.value.errno == errno.ENOSPC and len(done) == 3
+    assert "states.h5" in str(info.value) and "No space left" in str(info.value)
     assert list(tmp_path.iterdir()) == []
 
 

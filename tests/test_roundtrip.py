@@ -228,14 +228,14 @@ def test_one_fit_step_on_a_state_loss_trains_the_copy_only(flavour):
 
 
 def reset(model, flavour_name):
-    """Reset every stateful layer the way users do: Model.reset_states (tf-keras), layer by layer (Keras 3)."""
+    """Reset every stateful layer the way users do: Model.reset_states (tf-keras), layer by layer with
+    Keras 3's reset_state (which the traced layers answer to as well)."""
     if flavour_name == "tfkeras":
         model.reset_states()
         return
     for layer in model.layers:
-        if hasattr(layer, "reset_states") and (getattr(layer, "stateful", False) or hasattr(layer, "rnn")
-                                                or hasattr(layer, "forward_layer")):
-            layer.reset_states()
+        if getattr(layer, "stateful", False) or hasattr(layer, "rnn") or hasattr(layer, "forward_layer"):
+            layer.reset_state()
 
 
 def test_stateful_states_carry_across_predict_calls_and_reset(flavour):
