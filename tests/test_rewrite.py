@@ -352,8 +352,50 @@ def test_stateful_carries_states_across_batches(flavour):
     assert_states_match(second, "lstm", ref2, ("c", "h"))
     _reset(traced)
     assert_states_match(outputs_by_name(traced, x1), "lstm", ref1, ("c", "h"))
+    # A batch of another size is refused as the original refuses it (its states hold 2 sequences).
+    with pytest.raises(ValueError, match="(?i)batch size|expected shape=\\(2,"):
+        model(float_batch(batch=3, time=3))
+    with pytest.raises(ValueError, match="(?i)batch size|expected shape=\\(2,"):
+        traced(float_batch(batch=3, time=3))
     _reset(model)
     checksum_model.check()
+
+
+def test_traced_layers_keep_the_original_configuration(flavour):
+    """The rewrite builds its layers with zero initialisers (the weights are copied in at once):
+    the configurations it saves must still name the original initialisers."""
+    keras, layers = flavour.keras, flavour.layers
+    inputs = keras.Input((None, 4))
+    lstm = layers.LSTM(3, return_sequences=True, recurrent_initializer="orthogonal",
+                       kernel_initializer="he_normal", bias_initializer="ones", name="lstm")
+    model = keras.Model(inputs, lstm(inputs))
+    traced = expose_cell_states(model)
+
+    cell = traced.get_layer("lstm").rnn.cell
+    for key in ("kernel_initializer", "recurrent_initializer", "bias_initializer"):
+        assert cell.get_config()[key] == lstm.cell.get_config()[key], key
+    # And the weights are the original's, not the zeros the layer was built with.
+    for got, want in zip(traced.get_layer("lstm").get_weights(), lstm.get_weights()):
+        np.testing.assert_array_equal(got, want)
+    assert not np.all(traced.get_layer("lstm").get_weights()[1] == 0)
+
+
+def test_keras3_loop_keeps_exposed_sequences_apart():
+    """Keras 3's RNN stacks a tuple of step outputs into one tensor (a copy of every exposed
+    sequence); the traced layers' inner RNN hands them back one by one. (tf-keras's RNN returns
+    the tuple as it is.)"""
+    import keras
+
+    layers = keras.layers
+    inputs = keras.Input((6, 4))
+    lstm = layers.LSTM(3, return_sequences=True, name="lstm")
+    model = keras.Model(inputs, lstm(inputs))
+    traced = expose_cell_states(model, states=ALL)
+
+    inner = traced.get_layer("lstm").rnn
+    sequence = inner(float_batch(time=6))[0]
+    assert isinstance(sequence, (list, tuple)) and len(sequence) == len(ALL)
+    assert all(tuple(part.shape) == (3, 6, 3) for part in sequence)
 
 
 def _reset(model):
