@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
-from conftest import Untouched, outputs_by_name, reference_lstm, run
+from conftest import Untouched, assert_states_match, outputs_by_name, reference_lstm, run
 
 import lstm_rewrite  # noqa: F401  (registers the traced layers for deserialization)
 from lstm_rewrite import expose_cell_states
@@ -50,3 +52,38 @@ def check_round_trip(keras, flavour_name, tmp_path, suffix):
     expected = reference_lstm(model.get_layer("encoder"), embedded, flavour_name, mask=x != 0)
     np.testing.assert_allclose(named["encoder.c"], expected["c"], atol=1e-5)
     guard.check()
+
+
+# ---------------------------------------------------------------------------------------------
+# Files written by an earlier release
+# ---------------------------------------------------------------------------------------------
+
+SAVED_BY_0_1_0 = Path(__file__).parent / "data" / "saved_by_0_1_0"
+GATES = ("c", "h", "i", "f", "g", "o")
+
+
+def test_traced_models_saved_by_0_1_0_still_load(flavour):
+    """Traced models saved with release 0.1.0 load and give the states of the reference.
+
+    0.1.0 ran Keras 3's traced layers on a plain ``RNN``, whose outputs came back stacked in one
+    tensor; files saved then still name that class. The files (and the original models, saved
+    with them) were written by 0.1.0's code: a masked Embedding, an LSTM, a Bidirectional LSTM,
+    every state exposed.
+    """
+    from lstm_rewrite import load_model
+
+    original = load_model(SAVED_BY_0_1_0 / f"{flavour.name}_original.keras")
+    traced = load_model(SAVED_BY_0_1_0 / f"{flavour.name}_traced.keras")
+    ids = np.load(SAVED_BY_0_1_0 / "ids.npy")
+
+    named = outputs_by_name(traced, ids)
+    np.testing.assert_allclose(named["tags"], run(original, ids)[0], atol=1e-5)
+    embedded, mask = np.asarray(original.get_layer("embedding")(ids)), ids != 0
+    encoder = reference_lstm(original.get_layer("encoder"), embedded, flavour.name, mask=mask)
+    assert_states_match(named, "encoder", encoder, GATES)
+    bi = original.get_layer("bi")
+    forward = reference_lstm(bi.forward_layer, encoder["output"], flavour.name, mask=mask)
+    backward = reference_lstm(bi.backward_layer, encoder["output"], flavour.name, mask=mask)
+    backward = {q: v[:, ::-1] for q, v in backward.items() if v.ndim == 3}  # back to input time
+    assert_states_match(named, "bi.forward", forward, GATES)
+    assert_states_match(named, "bi.backward", backward, GATES)
