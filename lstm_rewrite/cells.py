@@ -542,8 +542,9 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
         def _parts(self, sequence):
             """Slice ``[batch, time, width]`` into ``[output, *extras]``, reshaped per step.
 
-            A cell with split outputs gives the parts already apart: as a list (tf-keras), or
-            stacked as ``[part, batch, time, units]`` (Keras 3 casts the list to one tensor).
+            A cell with split outputs gives the parts already apart, as a list; or, in a Keras 3
+            model saved by 0.1.0 (whose inner layer is Keras's own ``RNN``, which casts the list
+            to one tensor), stacked as ``[part, batch, time, units]``.
             """
             if isinstance(sequence, (list, tuple)):
                 return list(sequence)
