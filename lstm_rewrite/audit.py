@@ -964,7 +964,6 @@ def audit(
         True
     """
     from .capture import iter_state_batches
-    from .rewrite import site_orientations
 
     thresholds = AuditThresholds.coerce(thresholds)
     record = getattr(model, "rewrite_record", None)
@@ -976,35 +975,8 @@ def audit(
     else:
         traced = model
     classes = {e.layer: getattr(e, "layer_class", None) for e in record.exposed}
-    planned = site_orientations(model) if traced is not model else {}
-    orientations = {e.layer: planned.get(e.layer) or _orientation(model, e) for e in record.exposed}
+    orientations = {e.layer: e.time_order for e in record.exposed}
     batches = iter_state_batches(traced, data, states=None, layers=None, batch_size=batch_size,
                                  progress=progress)
     return audit_batches(batches, labels=labels, thresholds=thresholds, layer_classes=classes,
                          orientations=orientations)
-
-
-def _orientation(model, exposed) -> str:
-    """How the states of one exposed layer run in time (see ``audit_batches``), by its name.
-
-    Used for an already traced model, whose plan is gone. The rewrite exposes a ``go_backwards`` layer's states in its processing order and flips the
-    backward half of ``Bidirectional`` back to input time; find which case applies by walking the
-    dotted prefix through the model (nested models, then wrapper parts such as ``backward``).
-    """
-    explicit = getattr(exposed, "time_order", None)
-    if explicit in ORIENTATIONS:
-        return explicit
-    parts = exposed.layer.split(".")
-    layer, holder, used = None, model, 0
-    for part in parts:
-        try:
-            layer = holder.get_layer(part)
-        except (ValueError, AttributeError, KeyError):
-            break
-        holder, used = layer, used + 1
-    if layer is None:
-        return "forward"
-    rest = parts[used:]
-    if "Bidirectional" in type(layer).__name__:
-        return "backward_aligned" if rest[:1] == ["backward"] else "forward"
-    return "go_backwards" if getattr(layer, "go_backwards", False) else "forward"

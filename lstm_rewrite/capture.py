@@ -350,16 +350,10 @@ def _select_exposed(record, states, layers) -> list:
 def _trace(model_or_traced, states, layers):
     """Return (traced model, exposed outputs, {layer prefix: mask output name or None}, reversed)."""
     record = getattr(model_or_traced, "rewrite_record", None)
-    reversed_sites: dict[str, bool] = {}
     if record is not None:
         traced = model_or_traced
         exposed = _select_exposed(record, states, layers)
     else:
-        from .rewrite import site_orientations
-
-        # A plain go_backwards layer's states stay in processing order; Bidirectional's are aligned.
-        reversed_sites = {site: orientation == "go_backwards"
-                          for site, orientation in site_orientations(model_or_traced).items()}
         from . import expose_cell_states
 
         traced = expose_cell_states(
@@ -374,10 +368,7 @@ def _trace(model_or_traced, states, layers):
     masks = {}
     for e in exposed:
         masks.setdefault(e.layer, _by_prefix(record_masks, e.layer))
-    reversed_layers = {}
-    for e in exposed:
-        flag = getattr(e, "reversed", None)
-        reversed_layers[e.layer] = bool(flag) if flag is not None else _by_prefix(reversed_sites, e.layer)
+    reversed_layers = {e.layer: e.reversed for e in exposed}
     return traced, exposed, masks, reversed_layers
 
 

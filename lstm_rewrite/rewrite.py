@@ -30,7 +30,7 @@ from .cells import (
     generic_family,
     shapes_only,
 )
-from .errors import InvalidArgumentError, LstmRewriteError, UnsupportedLayerError, UnsupportedModelError
+from .errors import InvalidArgumentError, UnsupportedLayerError, UnsupportedModelError
 from .graph import build_graph, walk
 from .naming import MASK, output_name, parse_states, quantities_for, site_name
 
@@ -52,9 +52,15 @@ class ExposedOutput:
     units: int  # units (filters for ConvLSTM, width for a custom cell's state)
     dtype: str = "float32"  # the layer's dtype policy; the exposed sequence has its compute dtype
     shape: tuple = ()  # one step's shape: (units,), or (*spatial, filters) for ConvLSTM
-    # True when the sequence runs in reversed input time (a go_backwards layer's processing order);
-    # a Bidirectional's backward states are aligned to input time, so False there.
-    reversed: bool = False
+    # How the sequence runs in time: "forward"; "go_backwards" (a backward layer's processing
+    # order, index 0 = last input step); "backward_aligned" (a Bidirectional's backward half,
+    # flipped back to input time).
+    time_order: str = "forward"
+
+    @property
+    def reversed(self) -> bool:
+        """Whether the sequence runs in reversed input time (only a plain go_backwards layer's)."""
+        return self.time_order == "go_backwards"
 
 
 @dataclasses.dataclass
@@ -329,30 +335,6 @@ def classify(layer, site: str, select, backend) -> str:
         if select(site, layer):
             raise
         return "layer"
-
-
-def site_orientations(model) -> dict:
-    """How the states of each recurrent site of ``model`` run in time, by site name: "forward";
-    "go_backwards" (a backward layer's states stay in its processing order, index 0 = last input
-    step); "backward_aligned" (a Bidirectional's backward half, flipped back to input time).
-    Empty when the model cannot be rewritten.
-
-    Example:
-        >>> site_orientations(model)
-        {'bi.forward': 'forward', 'bi.backward': 'backward_aligned'}
-    """
-    try:
-        sites = plan_rewrite(model)
-    except LstmRewriteError:
-        return {}
-    found = {}
-    for site in sites:
-        if site.kind == "bidirectional":
-            found[f"{site.site}.forward"] = "forward"
-            found[f"{site.site}.backward"] = "backward_aligned"
-        else:
-            found[site.site] = "go_backwards" if getattr(site.layer, "go_backwards", False) else "forward"
-    return found
 
 
 def plan_rewrite(model, layers: LayerSelector = None, states=("c",)) -> list:
@@ -821,6 +803,10 @@ class RewritePass:
         states, masks, position = [], [], 0
         for sub_site, sub in directions:
             sub_kind = kind if kind != "bidirectional" else recurrent_kind(sub, backend)
+            if kind == "bidirectional":
+                time_order = "backward_aligned" if sub is layer.backward_layer else "forward"
+            else:
+                time_order = "go_backwards" if sub.go_backwards else "forward"
             unit_sites = []
             for unit in exposed_units(sub, sub_kind, builder.quantities, backend):
                 unit_site = f"{sub_site}.{unit.suffix}" if unit.suffix else sub_site
@@ -832,7 +818,7 @@ class RewritePass:
                     units = int(sub.cell.filters) if sub_kind == "conv_lstm" else shape[-1]
                     entry = ExposedOutput(output_name(unit_site, q), unit_site, q, layer_class, units,
                                           backend.dtype_policy(sub), shape,
-                                          reversed=bool(sub.go_backwards) and kind != "bidirectional")
+                                          time_order=time_order)
                     states.append((entry, tensor))
                 if unit.quantities:
                     unit_sites.append(unit_site)

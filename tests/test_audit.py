@@ -154,7 +154,7 @@ def test_go_backwards_labels_are_read_in_input_time(flavour):
     c_processing = full["enc.c"]
     label_input_time = c_processing[:, ::-1, 2]
     already_traced = expose_cell_states(model, states=("c", "h"), expose_masks=True, verify=False)
-    for given in (model, already_traced):  # from the rewrite's plan, and from the traced layers
+    for given in (model, already_traced):  # traced here, or by the caller: the record says which way
         report = audit(given, x, labels=label_input_time, batch_size=BATCH, progress=False)
         best = report.best_tracking()
         assert (best.quantity, best.unit) == ("c", 2)
@@ -170,14 +170,16 @@ def test_bidirectional_backward_growth_counts_from_the_end(flavour):
     model = keras.Model(inputs, seq)
     x = np.random.default_rng(4).normal(size=(N, T, 3)).astype("float32")
     full = traced_outputs(model, x)
-    report = audit(model, x, batch_size=BATCH, progress=False)
-    assert set(report.layers) == {"bi.forward", "bi.backward"}
+    already_traced = expose_cell_states(model, states=("c", "h", "gates"), expose_masks=True, verify=False)
     steps = np.broadcast_to(np.arange(T), (N, T)).ravel().astype(float)
-    for prefix, order in (("bi.forward", steps), ("bi.backward", T - 1 - steps)):
-        abs_c = np.abs(full[f"{prefix}.c"]).reshape(N * T, 4)
-        slope = [np.polyfit(order, abs_c[:, u], 1)[0] for u in range(4)]
-        np.testing.assert_allclose(report.layers[prefix].growth["slope"], slope, rtol=1e-4, atol=1e-7)
-        assert report.layers[prefix].valid_steps == N * T
+    for given in (model, already_traced):
+        report = audit(given, x, batch_size=BATCH, progress=False)
+        assert set(report.layers) == {"bi.forward", "bi.backward"}
+        for prefix, order in (("bi.forward", steps), ("bi.backward", T - 1 - steps)):
+            abs_c = np.abs(full[f"{prefix}.c"]).reshape(N * T, 4)
+            slope = [np.polyfit(order, abs_c[:, u], 1)[0] for u in range(4)]
+            np.testing.assert_allclose(report.layers[prefix].growth["slope"], slope, rtol=1e-4, atol=1e-7)
+            assert report.layers[prefix].valid_steps == N * T
 
 
 # --------------------------------------------------------------------------------------------
