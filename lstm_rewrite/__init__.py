@@ -7,6 +7,12 @@
 from __future__ import annotations
 
 from .api import expose_cell_states
+# `audit` is also the name of its submodule: imported here, before anything can import
+# `lstm_rewrite.audit` some other way, so that the package attribute is the function. (A lazy
+# name equal to a submodule's would become the module as soon as the submodule is imported:
+# Python's import system binds each newly imported submodule on its package.) audit.py needs only
+# NumPy, so this keeps `import lstm_rewrite` cheap.
+from .audit import AuditReport, AuditThresholds, audit
 from .errors import (
     DataError,
     InvalidArgumentError,
@@ -27,9 +33,6 @@ _LAZY = {
     "iter_state_batches": "capture",
     "load_model": "loading",
     "export_lstmvis": "lstmvis",
-    "audit": "audit",
-    "AuditReport": "audit",
-    "AuditThresholds": "audit",
 }
 
 
@@ -44,6 +47,9 @@ def __getattr__(name):
 __all__ = [
     "expose_cell_states",
     "verify",
+    "audit",
+    "AuditReport",
+    "AuditThresholds",
     *_LAZY,
     "VerificationReport",
     "LstmRewriteError",

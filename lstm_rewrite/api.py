@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from . import backends
 from .errors import InvalidArgumentError
 from .reconstruct import resolve_method
+from .record import record_of
 from .rewrite import LayerSelector, rewrite_model
 from .verify import check
 
@@ -73,7 +74,8 @@ def expose_cell_states(
 
     Returns:
         A Keras model of the same flavour as ``model``; ``traced.rewrite_record`` describes what
-        was added (see `lstm_rewrite.rewrite.RewriteRecord`).
+        was added (see `lstm_rewrite.record.RewriteRecord`). The record is saved with the model,
+        so the traced model loaded back from a file is still recognised as traced.
 
     Raises:
         UnsupportedModelError, UnsupportedLayerError: what the rewrite cannot handle, by name (e.g.
@@ -98,12 +100,19 @@ def expose_cell_states(
             f"layers= takes a layer name, a list of names or a predicate (a function of the layer). "
             f"Received: layers={layers!r} of type {type(layers).__name__}"
         )
+    record = record_of(model)
+    if record is not None:
+        # Tracing a traced model would find only traced layers; its states are already outputs.
+        raise InvalidArgumentError(
+            f"Model {model.name!r} is already traced: it exposes {record.output_names}. cell_states, audit, "
+            f"export_lstmvis and the command line take it as it is; to expose other states or layers, "
+            f"trace the original model. Received: a traced model ({type(model).__name__})"
+        )
     method = resolve_method(method)
     traced, record = rewrite_model(model, states=states, layers=layers, expose_masks=expose_masks, method=method)
     record.method = method
     if verify:
         record.verification = check(model, traced, sample_inputs)
-    traced.rewrite_record = record
     return traced
 
 

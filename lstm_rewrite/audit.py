@@ -964,9 +964,10 @@ def audit(
         True
     """
     from .capture import iter_state_batches
+    from .record import record_of
 
     thresholds = AuditThresholds.coerce(thresholds)
-    record = getattr(model, "rewrite_record", None)
+    record = record_of(model)
     if record is None:
         from . import expose_cell_states
 

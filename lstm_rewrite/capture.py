@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError, InvalidArgumentError
+from .record import record_of
 
 __all__ = ["StateBatch", "CellStates", "iter_state_batches", "cell_states", "FILE_FORMAT"]
 
@@ -349,7 +350,7 @@ def _select_exposed(record, states, layers) -> list:
 
 def _trace(model_or_traced, states, layers):
     """Return (traced model, exposed outputs, {layer prefix: mask output name or None}, reversed)."""
-    record = getattr(model_or_traced, "rewrite_record", None)
+    record = record_of(model_or_traced)
     if record is not None:
         traced = model_or_traced
         exposed = _select_exposed(record, states, layers)

@@ -8,6 +8,7 @@ partial output behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -160,10 +161,14 @@ def _other_recurrent_layers(model, covered: set[int], seen: set[int] | None = No
 def cmd_inspect(args) -> int:
     from .capture import input_specs
     from .loading import inspect_model_file
+    from .record import record_of
     from .rewrite import plan_rewrite
 
     info = inspect_model_file(args.model)
     model = _load(args.model, args.unsafe)
+    record = record_of(model)
+    if record is not None:
+        return _inspect_traced(info, model, record, args.json)
     states = _split(args.states) or ["c"]
     # The plan names what the rewrite would add without building anything.
     sites = plan_rewrite(model, layers=_split(args.layers), states=states)
@@ -205,6 +210,42 @@ def cmd_inspect(args) -> int:
         print(f"  {other['layer']} ({other['class']}): left as it is (not a layer the rewrite traces)")
     print(f"the rewrite adds (states {','.join(states)}): {', '.join(result['added_outputs'])}")
     print("expose --masks also adds <site>.mask for each call, 1.0 on valid steps")
+    return EXIT_OK
+
+
+def _inspect_traced(info, model, record, as_json: bool) -> int:
+    """``inspect`` on a model that is already traced: what it exposes, from its record."""
+    from .capture import input_specs
+
+    result = {
+        "file": {"path": info.path, "format": info.format, "flavour": info.flavour,
+                 "keras_version": info.keras_version, "evidence": info.evidence},
+        "model": {"name": model.name, "class": type(model).__name__,
+                  "inputs": [{"name": s.name, "shape": [None, *s.shape], "dtype": str(s.dtype)}
+                             for s in input_specs(model)],
+                  "outputs": [str(n) for n in model.output_names]},
+        "traced": {
+            "record": record.source,  # "stored" in the file, or recovered from "output names"
+            "method": record.method,
+            "original_outputs": list(record.original_output_names),
+            "exposed": [{"name": e.name, "layer": e.layer, "quantity": e.quantity, "class": e.layer_class,
+                         "shape": [None, None, *e.shape], "time_order": e.time_order} for e in record.exposed],
+            "masks": dict(record.masks),
+        },
+    }
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return EXIT_OK
+    f, t = result["file"], result["traced"]
+    print(f"{f['path']}: {f['format']} file written by {f['flavour']} {f['keras_version'] or '(version not recorded)'}")
+    how = "its stored rewrite record" if record.source == "stored" else "its output names (saved without a record)"
+    print(f"traced model {model.name!r}, by {how}; states, audit and --lstmvis take it as it is")
+    print(f"original outputs: {', '.join(t['original_outputs'])}")
+    print("exposed outputs (name: layer, class, time order):")
+    for e in record.exposed:
+        print(f"  {e.name}: {e.layer} ({e.layer_class}), {e.time_order}")
+    if record.masks:
+        print(f"mask outputs: {', '.join(record.masks.values())}")
     return EXIT_OK
 
 
@@ -293,7 +334,8 @@ def cmd_states(args) -> int:
             )
     written = []
     try:
-        with cell_states(model, data, states=_split(args.states) or ["c"], layers=_split(args.layers),
+        # Without --states: c for a model traced here, everything a traced model already exposes.
+        with cell_states(model, data, states=_split(args.states), layers=_split(args.layers),
                          batch_size=args.batch_size, out=out, progress=not args.quiet) as cs:
             written.append(out)
             shapes = ", ".join(f"{n} {tuple(cs[n].shape)}" for n in cs)
@@ -415,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("model", metavar="MODEL", help="model file (.keras or .h5)")
         p.add_argument("--unsafe", action="store_true",
                        help="load models whose Lambda layers carry Python code (runs that code: trusted files only)")
+        p.add_argument("--verbose", action="store_true",
+                       help="keep TensorFlow's own log on stderr (hidden by default, unless TF_CPP_MIN_LOG_LEVEL is set)")
 
     def selection(p):
         p.add_argument("--states", metavar="LIST", help="quantities to expose: c,h,i,f,g,o or gates (default: c)")
@@ -462,6 +506,38 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    """Point the process's stderr (file descriptor 2, which C++ code writes to) at /dev/null."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _quiet_tensorflow() -> None:
+    """Keep TensorFlow's C++ log off the terminal, the CLI's own messages and progress bars on it.
+
+    Level 3 hides what TensorFlow logs once it runs ("failed call to cuInit" on a machine without
+    a GPU reads like a failure and is not one). What it logs while its libraries load (the oneDNN
+    notice, "Could not find cuda drivers") comes before absl's logging is initialised and ignores
+    that level, so TensorFlow is imported here with stderr pointed at /dev/null. An error from the
+    import itself is still shown: it is raised once stderr is back.
+    """
+    from . import backends
+
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    if "tensorflow" not in sys.modules:
+        with _stderr_to_devnull():
+            backends.import_tensorflow()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``lstm-rewrite`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status.
 
@@ -469,12 +545,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["inspect", "model.keras"])  # doctest: +SKIP
         0
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error (2, already printed)
         return int(stop.code or 0)
+    # A level the user set is theirs to keep, and --verbose keeps everything.
+    if not args.verbose and "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+        _quiet_tensorflow()
     try:
         return args.run(args)
     except LstmRewriteError as error:

@@ -317,7 +317,9 @@ def load_model(path: str | os.PathLike, *, safe: bool = True, custom_objects: di
         custom_objects: custom layers, functions and classes, by name, as for Keras's ``load_model``.
 
     Returns:
-        The model (Keras 3 or tf-keras), not compiled.
+        The model (Keras 3 or tf-keras), not compiled. A traced model comes back with its
+        ``rewrite_record`` (stored in the file; for files of release 0.1.0, recovered from its
+        outputs), so every later stage takes it as traced.
 
     Raises:
         ModelFileError: missing path, a directory, not a model, truncated/corrupt, or Keras cannot
@@ -353,8 +355,8 @@ def load_model(path: str | os.PathLike, *, safe: bool = True, custom_objects: di
         except OSError:
             shutil.copyfile(path, load_path)
     try:
-        return keras_mod.models.load_model(load_path, custom_objects=custom_objects, compile=False,
-                                           safe_mode=safe)
+        model = keras_mod.models.load_model(load_path, custom_objects=custom_objects, compile=False,
+                                            safe_mode=safe)
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         saving = getattr(keras_mod, "saving", None)
@@ -375,3 +377,12 @@ def load_model(path: str | os.PathLike, *, safe: bool = True, custom_objects: di
     finally:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
+    if getattr(model, "rewrite_record", None) is None:
+        # A traced model saved before records were stored (0.1.0): give it the record its outputs
+        # and traced layers tell (None for a model that is not traced).
+        from .record import recover_record
+
+        recovered = recover_record(model)
+        if recovered is not None:
+            model.rewrite_record = recovered
+    return model

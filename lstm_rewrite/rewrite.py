@@ -29,54 +29,18 @@ from .cells import (
     CellFamily,
     generic_family,
     shapes_only,
+    wrapping_call,
 )
 from .errors import InvalidArgumentError, UnsupportedLayerError, UnsupportedModelError
 from .graph import build_graph, walk
 from .naming import MASK, output_name, parse_states, quantities_for, site_name
+from .record import ExposedOutput, RewriteRecord  # noqa: F401 - re-exported: the record's public home was here
 
 LayerSelector = Union[None, str, Iterable[str], Callable[[object], bool]]
 
 # The kinds of recurrent call the rewrite traces (`match_call` also answers "bidirectional",
 # "model" and "layer").
 RECURRENT_KINDS = ("lstm", "gru", "simple_rnn", "conv_lstm", "stacked", "generic")
-
-
-@dataclasses.dataclass(frozen=True)
-class ExposedOutput:
-    """One extra output of a traced model: ``name`` = ``layer`` + "." + ``quantity``."""
-
-    name: str
-    layer: str  # dotted site, e.g. "bi.forward", "body.encoder.call1", "stack.cell0"
-    quantity: str  # c, h, i, f, g, o; z, r, n; state0, state1, ...
-    layer_class: str  # "LSTM", "GRU", "RNN(GRUCell)", "ConvLSTM2D", "LSTMCell" (a stacked cell), ...
-    units: int  # units (filters for ConvLSTM, width for a custom cell's state)
-    dtype: str = "float32"  # the layer's dtype policy; the exposed sequence has its compute dtype
-    shape: tuple = ()  # one step's shape: (units,), or (*spatial, filters) for ConvLSTM
-    # How the sequence runs in time: "forward"; "go_backwards" (a backward layer's processing
-    # order, index 0 = last input step); "backward_aligned" (a Bidirectional's backward half,
-    # flipped back to input time).
-    time_order: str = "forward"
-
-    @property
-    def reversed(self) -> bool:
-        """Whether the sequence runs in reversed input time (only a plain go_backwards layer's)."""
-        return self.time_order == "go_backwards"
-
-
-@dataclasses.dataclass
-class RewriteRecord:
-    """What a rewrite did: which calls were replaced and which outputs it added, in order."""
-
-    original_output_names: list
-    exposed: list = dataclasses.field(default_factory=list)  # [ExposedOutput]
-    masks: dict = dataclasses.field(default_factory=dict)  # site -> mask output name
-    replaced: list = dataclasses.field(default_factory=list)  # sites replaced by traced layers
-    reused_layers: list = dataclasses.field(default_factory=list)  # layers called as-is (no copy)
-
-    @property
-    def output_names(self) -> list:
-        """Names of the added outputs, in output order (states, then masks)."""
-        return [e.name for e in self.exposed] + list(self.masks.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,12 +161,24 @@ def recurrent_kind(layer, backend, owner=None) -> str:
     base = next((k for k in known if isinstance(layer, k)), backend.RNN)
     kind = known.get(base)
     row = _cell_kind(layer.cell, backend)
-    if type(layer).call is not base.call or (kind is not None and (row is None or row.kind != kind)):
+    cell_kept = kind is None or (row is not None and row.kind == kind)
+    why = None if cell_kept else f"its cell ({type(layer.cell).__name__}) is not the Keras one"
+    if cell_kept and type(layer).call is not base.call:
+        # A subclass whose call only wraps super().call runs its own call over the traced layer
+        # (TracedSubclassRNN), and verification decides; anything else is refused here.
+        try:
+            wrapping_call(type(layer), base)
+            why = "it is inside a wrapper" if owner is not None else None
+        except ValueError as error:
+            why = str(error)
+    if why is not None:
         name = base.__name__
         raise UnsupportedLayerError(
             f"Layer {layer.name!r}{where} ({type(layer).__name__}) is {_article(name)} {name} whose call or cell is "
-            f"overridden; the traced cell reproduces only the Keras {name} step, so its states would not be the "
-            f"layer's. Exclude it with layers=[...]. Received: {type(layer).__module__}.{type(layer).__name__}"
+            f"overridden, and {why}. The traced cell reproduces only the Keras {name} step, and runs a subclass's "
+            f"own call only where that call wraps super().call(...) and the layer is not inside a wrapper; "
+            f"otherwise the states would not be the layer's. Exclude it with layers=[...]. "
+            f"Received: {type(layer).__module__}.{type(layer).__name__}"
         )
     if getattr(layer, "time_major", False):
         raise UnsupportedLayerError(
@@ -223,6 +199,12 @@ def recurrent_kind(layer, backend, owner=None) -> str:
             _check_cell(layer, inner, backend, where)
         return "stacked"
     return _check_cell(layer, cell, backend, where)
+
+
+def _wrapped_subclass(layer, backend):
+    """The class of a recurrent layer whose ``call`` wraps its Keras parent's, or None."""
+    base = next((k for k, _ in _layer_kinds(backend) if isinstance(layer, k)), backend.RNN)
+    return type(layer) if type(layer).call is not base.call else None
 
 
 def _check_cell(layer, cell, backend, where) -> str:
@@ -484,7 +466,8 @@ class ReplacementBuilder:
 
         With ``method="reconstruct"`` a ReconstructedLSTM instead, where it supports the layer.
         """
-        if self.method == "reconstruct" and reconstruct.unsupported_reason(lstm) is None:
+        if (self.method == "reconstruct" and reconstruct.unsupported_reason(lstm) is None
+                and _wrapped_subclass(lstm, self.backend) is None):
             return reconstruct.reconstructed_lstm(
                 self.backend, lstm, name, quantities_for(self.quantities, self.rows["lstm"].family),
                 expose_mask=self.expose_masks,
@@ -571,12 +554,16 @@ class ReplacementBuilder:
 
     def _wrap(self, layer, name, cell, return_sequences, return_state, **traced_config):
         backend = self.backend
+        subclass = _wrapped_subclass(layer, backend)
+        if subclass is not None:
+            traced_config["subclass"] = subclass
         rnn = backend.InnerRNN(
             cell, return_sequences=True, return_state=True, go_backwards=layer.go_backwards,
             stateful=layer.stateful, unroll=layer.unroll, zero_output_for_mask=False, name="rnn",
             dtype=backend.dtype_policy(layer),
         )
-        return backend.TracedRNN(
+        traced_class = backend.TracedRNN if subclass is None else backend.TracedSubclassRNN
+        return traced_class(
             rnn,
             return_sequences=layer.return_sequences if return_sequences is None else return_sequences,
             return_state=layer.return_state if return_state is None else return_state,
@@ -699,11 +686,13 @@ class RewritePass:
                     f"Rename that layer before rewriting. Received: layer {name!r}"
                 )
             named.append(backend.Identity(name=name, dtype=dtypes.get(name, "float32"))(tensor))
-        traced = backend.make_model(level.inputs, outputs[:original_count] + named, name=self.model.name)
         record.exposed = list(level.exposed)
         record.masks = dict(level.masks)
         record.replaced = sorted({e.layer for e in level.exposed})
         record.reused_layers = self.reused
+        # The record is a field of the traced model, saved with it (see `lstm_rewrite.record`).
+        traced = backend.make_traced_model(level.inputs, outputs[:original_count] + named, name=self.model.name)
+        traced.rewrite_record = record
         return traced, record
 
     def _rebuild(self, model, prefix: str) -> _Level:
@@ -788,7 +777,21 @@ class RewritePass:
             else:
                 traced = builder.traced(layer, kind, layer.name, output_shape=output_shape)
             self.layer_copies[id(layer)] = traced
-        outputs = backend.flatten(backend.call_traced(traced, inputs, initial_state, mask, rest))
+        try:
+            outputs = backend.flatten(backend.call_traced(traced, inputs, initial_state, mask, rest))
+        except Exception as error:  # noqa: BLE001 - whatever the subclass's own call raises
+            if not isinstance(traced, backend.TracedSubclassRNN):
+                raise
+            cause = error
+            while (cause.__cause__ or cause.__context__) is not None:  # Keras 3 wraps it in its own
+                cause = cause.__cause__ or cause.__context__
+            raise UnsupportedLayerError(
+                f"Layer {layer.name!r} ({describe_layer(layer, backend)}) overrides call, and its call fails when "
+                f"run over the traced layer ({type(cause).__name__}: {' '.join(str(cause).split())[:300]}); "
+                f"the traced layer has the Keras layer's call and configuration, not the subclass's own "
+                f"attributes or methods. Exclude it with layers=[...]. "
+                f"Received: {type(layer).__module__}.{type(layer).__name__}"
+            ) from error
         if fresh:
             builder.copy_weights(layer, traced, kind)
         original_count = len(data["outputs"])

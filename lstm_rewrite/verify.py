@@ -75,10 +75,14 @@ def verify(model, traced, inputs=None) -> VerificationReport:
         >>> report.ok
         True
     """
-    inputs = synthesize_inputs(model) if inputs is None else checked_inputs(model, inputs)
+    made = None
+    if inputs is None:
+        inputs, made = _synthesize(model)
+    else:
+        inputs = checked_inputs(model, inputs)
     saved = _save_states(model) + _save_states(traced)
     try:
-        expected = _run(model, inputs)
+        expected = _run(model, inputs, made=made)
         _restore_states(saved)
         actual = _run(traced, inputs, traced_from=model)[: len(expected)]
     finally:
@@ -104,11 +108,28 @@ def check(model, traced, inputs=None) -> VerificationReport:
         bad = [o for o in report.outputs if not o.ok]
         details = "; ".join(f"{o.name!r}: max |diff| {o.max_abs_diff:.3g} > atol {o.atol:g} + rtol {o.rtol:g}"
                             for o in bad)
+        subclassed = _subclass_calls(traced)
+        if subclassed:
+            # The likeliest cause: a subclass's call does more than wrap its parent's (it reads an
+            # attribute of its own that the traced layer lacks, say).
+            raise VerificationError(
+                f"The traced model of {model.name!r} does not reproduce the original outputs: {details}. It runs "
+                f"the call of the LSTM/RNN subclass layer(s) {', '.join(subclassed)} over traced layers, and that "
+                f"call does not compute the same there. Exclude those layers with layers=[...] naming the other "
+                f"recurrent layers, or pass verify=False to get the traced model anyway. "
+                f"Received: {', '.join(subclassed)}", report)
         raise VerificationError(
             f"The traced model of {model.name!r} does not reproduce the original outputs: {details}. "
             f"The rewrite does not handle something in this model; please report it with the model's summary. "
             f"Pass verify=False to get the traced model anyway.", report)
     return report
+
+
+def _subclass_calls(traced) -> list:
+    """The layers of ``traced`` that run a user subclass's call (TracedSubclassRNN), as 'name' (Class)."""
+    wrapped = backends.for_model(traced).TracedSubclassRNN
+    return [f"{layer.name!r} ({layer.subclass.__name__})" for layer in _all_layers(traced)
+            if isinstance(layer, wrapped)]
 
 
 def checked_inputs(model, inputs):
@@ -144,42 +165,62 @@ def checked_inputs(model, inputs):
 def synthesize_inputs(model, batch_size: int = DEFAULT_BATCH, time_steps: int = DEFAULT_TIME, seed: int = 0):
     """Make a batch of inputs from ``model``'s input specs.
 
-    Floats are standard normal; integer inputs that feed an ``Embedding`` are ids in
-    ``[1, input_dim)``; the time axis gets ``time_steps`` where it is None (or the length another
-    input declares, since inputs may meet in a merge); every sample but the
-    first has trailing padded steps (id 0 for ``Embedding(mask_zero=True)``, the mask value for
-    ``Masking``), so masked paths are exercised.
+    An input that feeds an ``Embedding`` (directly, or inside nested models and Sequential
+    wrappers) gets token ids in ``[1, input_dim)`` whatever its dtype: Keras 2 text models declare
+    their ``Input`` float32 (the Keras 2 default) and cast in the Embedding, which refuses
+    negative ids. Other integer inputs get ids in ``[1, 10)``, other floats are standard normal.
+    The time axis gets ``time_steps`` where it is None (or the length another input declares,
+    since inputs may meet in a merge); every sample but the first has trailing padded steps (id 0,
+    which ``Embedding(mask_zero=True)`` masks; the mask value for ``Masking``), so masked paths
+    are exercised.
 
     Example:
         >>> x = synthesize_inputs(model)
     """
+    return _synthesize(model, batch_size, time_steps, seed)[0]
+
+
+def _synthesize(model, batch_size: int = DEFAULT_BATCH, time_steps: int = DEFAULT_TIME, seed: int = 0):
+    """`synthesize_inputs`, and per input a note of how it was made (for the error when it does not fit)."""
     backend = backends.for_model(model)
     rng = np.random.default_rng(seed)
     tensors = list(model.inputs)
     batch = _fixed_batch(tensors) or batch_size
+    # Every consumer counts: in Keras 3 an Embedding(mask_zero) input also feeds the op that
+    # computes its mask, and that op may come first.
+    consumers = [_consumers(model, tensor, backend) for tensor in tensors]
+    embeddings = [[int(c.input_dim) for c in found if isinstance(c, backend.Embedding)] for found in consumers]
     # Inputs that meet (concatenated, added) need the same length: follow one that declares it.
-    time_steps = _declared_time(tensors) or time_steps
-    arrays = []
-    for tensor in tensors:
-        # Every consumer counts: in Keras 3 an Embedding(mask_zero) input also feeds the op that
-        # computes its mask, and that op may come first.
-        consumers = _consumers(model, tensor, backend)
-        embeddings = [int(c.input_dim) for c in consumers if isinstance(c, backend.Embedding)]
-        masking = next((c for c in consumers if isinstance(c, backend.Masking)), None)
+    time_steps = _declared_time(tensors, [bool(e) for e in embeddings]) or time_steps
+    arrays, notes = [], []
+    for tensor, found, dims in zip(tensors, consumers, embeddings):
+        masking = next((c for c in found if isinstance(c, backend.Masking)), None)
         shape = [batch] + [time_steps if d is None else int(d) for d in list(tensor.shape)[1:]]
         dtype = np.dtype(_dtype_name(tensor.dtype))
-        if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
-            high = min(embeddings) if embeddings else 10
-            array = rng.integers(1, max(high, 2), size=shape).astype(dtype)
+        if dims or np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+            high = max(min(dims) if dims else 10, 2)
+            array = rng.integers(1, high, size=shape).astype(dtype)
             pad = 0
+            why = (f"it feeds an Embedding of input_dim {min(dims)}" if dims
+                   else "no Embedding consumes it, so its range is a guess")
+            note = f"ids in [1, {high}), 0 on padded steps ({why})"
         else:
             array = rng.standard_normal(shape).astype(dtype)
             pad = float(masking.mask_value) if masking is not None else None
+            note = ("standard-normal floats" + (f", {pad:g} on padded steps (Masking)" if masking is not None else "")
+                    + " (no Embedding consumes it, so nothing says which values it takes)")
         if len(shape) >= 2 and shape[1] > 2 and pad is not None:
             for b in range(1, batch):
                 array[b, shape[1] - min(b, shape[1] - 1):] = pad
         arrays.append(array)
-    return _like_input_structure(model, arrays)
+        notes.append(f"{_input_name(tensor)!r} {dtype.name} {tuple(shape)}: {note}")
+    return _like_input_structure(model, arrays), notes
+
+
+def _input_name(tensor) -> str:
+    history = getattr(tensor, "_keras_history", None)
+    operation = getattr(history, "operation", None) or getattr(history, "layer", None)
+    return getattr(operation, "name", None) or getattr(tensor, "name", "input")
 
 
 def _like_input_structure(model, arrays):
@@ -215,11 +256,12 @@ def _consumers(model, tensor, backend, depth: int = 0) -> list:
     return found
 
 
-def _declared_time(tensors):
-    """The time length an input declares: axis 1 of a sequence (rank >= 3, or integer ids of rank 2)."""
-    for tensor in tensors:
+def _declared_time(tensors, ids=None):
+    """The time length an input declares: axis 1 of a sequence (rank >= 3, or ids of rank 2:
+    integers, or any dtype where ``ids`` says the input feeds an Embedding)."""
+    for k, tensor in enumerate(tensors):
         shape = list(tensor.shape)
-        integer = np.issubdtype(np.dtype(_dtype_name(tensor.dtype)), np.integer)
+        integer = np.issubdtype(np.dtype(_dtype_name(tensor.dtype)), np.integer) or bool(ids and ids[k])
         if len(shape) >= 3 or (len(shape) == 2 and integer):
             if shape[1] is not None:
                 return int(shape[1])
@@ -237,7 +279,8 @@ def _dtype_name(dtype) -> str:
     return getattr(dtype, "name", None) or str(dtype)
 
 
-def _run(model, inputs, traced_from=None) -> list:
+def _run(model, inputs, traced_from=None, made=None) -> list:
+    """Run ``model`` on ``inputs``; ``made`` is, for synthesized inputs, how each was made."""
     try:
         outputs = model(inputs, training=False)
     except Exception as error:  # noqa: BLE001 - Keras and TensorFlow raise many types for bad inputs
@@ -248,9 +291,21 @@ def _run(model, inputs, traced_from=None) -> list:
                 f"{type(error).__name__}: {_first_line(error)}. This is a bug in lstm_rewrite; please report it "
                 f"with the model's summary."
             ) from error
+        expects = "; ".join(f"{_input_name(t)!r} {tuple(t.shape)} {_dtype_name(t.dtype)}" for t in model.inputs)
+        if made is None:
+            raise DataError(
+                f"Model {model.name!r} could not run on the verification inputs: {_first_line(error)}. Pass "
+                f"sample_inputs= with arrays shaped like the model's inputs ({expects}). "
+                f"Received: {_describe(inputs)}"
+            ) from error
+        # Synthesized inputs follow the input specs; what they cannot know is the values a layer
+        # accepts (a vocabulary reached through a cast or a lookup, a range a Lambda assumes).
         raise DataError(
-            f"Model {model.name!r} could not run on the verification inputs: {_first_line(error)}. Pass "
-            f"sample_inputs= with arrays shaped like the model's inputs {[tuple(t.shape) for t in model.inputs]}."
+            f"Model {model.name!r} could not run on the inputs lstm_rewrite synthesized for verification from its "
+            f"input specs ({expects}): {_first_line(error)}. The specs give shapes and dtypes only, not which "
+            f"values the model accepts, and the synthesized values did not fit. Pass sample_inputs= with a few "
+            f"real sequences (e.g. token ids from your data), or verify=False to skip the check. "
+            f"Received (synthesized): {'; '.join(made)}"
         ) from error
     if isinstance(outputs, dict):
         outputs = list(outputs.values())
@@ -258,6 +313,12 @@ def _run(model, inputs, traced_from=None) -> list:
         outputs = [outputs]
     to_numpy = backends.for_model(model).to_numpy
     return [np.asarray(to_numpy(o)) for o in outputs]
+
+
+def _describe(inputs) -> str:
+    flat = list(inputs.items()) if isinstance(inputs, dict) else list(enumerate(
+        inputs if isinstance(inputs, (list, tuple)) else [inputs]))
+    return "; ".join(f"{k!r} {np.asarray(a).dtype} {np.shape(a)}" for k, a in flat)
 
 
 def _first_line(error) -> str:

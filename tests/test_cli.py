@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -287,3 +288,60 @@ def test_subprocess_entry_point(files, tmp_path):
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "the rewrite adds (states h): encoder.h" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorFlow's own log stays off stderr, unless asked for
+# ---------------------------------------------------------------------------------------------
+
+# absl's and TensorFlow's C++ lines ("I0000 00:00:...", "E0000 ... failed call to cuInit", the
+# oneDNN notice), and Python's "WARNING:absl:" / "WARNING:tensorflow:" records.
+TF_LOG = re.compile(r"^([IWEF]\d{4} |\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWEF] )|absl|oneDNN|cuda|cuInit|tensorflow",
+                    re.M | re.I)
+
+
+def run_cli(argv, cwd, **env) -> subprocess.CompletedProcess:
+    """The installed ``lstm-rewrite`` in a fresh process, without the test run's TF_CPP_MIN_LOG_LEVEL."""
+    script = os.path.join(os.path.dirname(sys.executable), "lstm-rewrite")
+    command = [script] if os.path.exists(script) else [sys.executable, "-m", "lstm_rewrite.cli"]
+    child = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    child.update(PYTHONPATH=REPO, **env)
+    return subprocess.run([*command, *map(str, argv)], capture_output=True, text=True, env=child, cwd=cwd,
+                          timeout=300)
+
+
+def test_tensorflow_log_stays_off_stderr(flavour, files, tmp_path):
+    path = files[flavour][0]
+    done = run_cli(["inspect", path], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "the rewrite adds (states c): encoder.c" in done.stdout
+    assert not TF_LOG.search(done.stderr), done.stderr
+    # The CLI's own progress bar and messages stay.
+    done = run_cli(["states", path, "--data", files["root"] / "tokens.npy", "-o", tmp_path / "s.h5"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    # The progress bar still shows (tqdm may clear it before drawing 100%: leave=False).
+    assert "wrote " in done.stdout and "cell states:" in done.stderr
+    assert not TF_LOG.search(done.stderr), done.stderr
+
+
+def test_verbose_keeps_tensorflow_log(files, tmp_path):
+    done = run_cli(["inspect", files["keras3"][0], "--verbose"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    if not TF_LOG.search(done.stderr):
+        pytest.skip("TensorFlow logs nothing at start-up on this machine: nothing to hide or keep")
+    assert "the rewrite adds (states c): encoder.c" in done.stdout
+
+
+@pytest.mark.parametrize("argv, user_level, level", [
+    ([], None, "3"),            # quiet by default
+    (["--verbose"], None, None),  # --verbose leaves the variable alone
+    ([], "1", "1"),             # a level the user set is kept
+])
+def test_log_level_is_the_users(files, capsys, monkeypatch, argv, user_level, level):
+    if user_level is None:
+        monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", user_level)
+    code, _, err = run(["inspect", files["keras3"][0], *argv], capsys)
+    assert code == 0, err
+    assert os.environ.get("TF_CPP_MIN_LOG_LEVEL") == level

@@ -71,8 +71,9 @@ def test_lstm_subclass_overriding_call(flavour):
     keras, layers = flavour.keras, flavour.layers
 
     class ScaledLSTM(layers.LSTM):
+        # Not a wrapper of super().call (that is exposed, see test_keras2_models.py): its own step.
         def call(self, sequences, initial_state=None, mask=None, training=False):
-            return super().call(sequences, initial_state=initial_state, mask=mask, training=training) * 2.0
+            return sequences[:, -1, :3] * 2.0
 
     inputs = keras.Input((None, 4))
     model = keras.Model(inputs, ScaledLSTM(3, name="scaled")(inputs))

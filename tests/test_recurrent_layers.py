@@ -507,8 +507,9 @@ def test_custom_cells_that_cannot_be_traced(flavour):
         expose_cell_states(uncopiable)
 
     class ScaledGRU(layers.GRU):
+        # Not a wrapper of super().call (that is exposed, see test_keras2_models.py): its own step.
         def call(self, sequences, initial_state=None, mask=None, training=False):
-            return super().call(sequences, initial_state=initial_state, mask=mask, training=training) * 2.0
+            return sequences[..., :2] * 2.0
 
     mixed_in = keras.Input((None, 3))
     seq = ScaledGRU(2, return_sequences=True, name="scaled")(mixed_in)

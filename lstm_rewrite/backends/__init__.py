@@ -7,6 +7,7 @@ behind the same small set of names, so the rewrite pass never asks which flavour
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 FLAVOURS = ("keras3", "tfkeras")
@@ -47,3 +48,19 @@ def for_model(model) -> ModuleType:
 def keras_module(flavour: str) -> ModuleType:
     """The ``keras`` (Keras 3) or ``tf_keras`` module for a flavour name."""
     return get(flavour).keras
+
+
+def import_tensorflow() -> ModuleType | None:
+    """Import TensorFlow (what tf-keras, and Keras 3 on its default backend, run on), or return
+    None where it is not installed.
+
+    The CLI calls it before anything else touches a model, so that TensorFlow starts up while the
+    CLI can still keep its start-up log off the terminal.
+
+    Example:
+        >>> import_tensorflow().__name__
+        'tensorflow'
+    """
+    if importlib.util.find_spec("tensorflow") is None:
+        return None
+    return importlib.import_module("tensorflow")

@@ -10,7 +10,10 @@ import keras
 from keras import ops
 from keras.src.layers.rnn.conv_lstm import ConvLSTM, ConvLSTMCell
 
+from keras.src.models.functional import Functional
+
 from ..cells import define_traced_layers
+from ..record import CarriesRecord
 
 FLAVOUR = "keras3"
 LSTM = keras.layers.LSTM
@@ -95,6 +98,7 @@ TracedConvLSTMCell = _traced["TracedConvLSTMCell"]
 TracedCell = _traced["TracedCell"]
 TracedStackedCells = _traced["TracedStackedCells"]
 TracedRNN = _traced["TracedRNN"]
+TracedSubclassRNN = _traced["TracedSubclassRNN"]  # a wrapping subclass's call around TracedRNN
 keras.saving.register_keras_serializable(package="lstm_rewrite", name="PartsRNN")(PartsRNN)
 InnerRNN = PartsRNN
 TracedBidirectional = _traced["TracedBidirectional"]
@@ -162,6 +166,20 @@ def make_input(tensor):
 
 def make_model(inputs, outputs, name):
     return keras.Model(inputs, outputs, name=name)
+
+
+@keras.saving.register_keras_serializable(package="lstm_rewrite", name="TracedModel")
+class TracedModel(CarriesRecord, Functional):
+    """A traced model: functional, with its rewrite record saved in its config."""
+
+
+# A legacy .h5 names the model by its bare class name (keras/src/legacy/saving), not by the
+# registered "lstm_rewrite>TracedModel": register that name too, or such files cannot load.
+keras.saving.get_custom_objects().setdefault("TracedModel", TracedModel)
+
+
+def make_traced_model(inputs, outputs, name):
+    return TracedModel(inputs, outputs, name=name)
 
 
 def recurrent_call(args, kwargs):

@@ -14,7 +14,10 @@ import tensorflow as tf
 import tf_keras as keras
 from tf_keras.src.layers.rnn.base_conv_lstm import ConvLSTM, ConvLSTMCell
 
+from tf_keras.src.engine.functional import Functional
+
 from ..cells import define_traced_layers
+from ..record import CarriesRecord
 
 FLAVOUR = "tfkeras"
 LSTM = keras.layers.LSTM
@@ -73,6 +76,7 @@ TracedConvLSTMCell = _traced["TracedConvLSTMCell"]
 TracedCell = _traced["TracedCell"]
 TracedStackedCells = _traced["TracedStackedCells"]
 TracedRNN = _traced["TracedRNN"]
+TracedSubclassRNN = _traced["TracedSubclassRNN"]  # a wrapping subclass's call around TracedRNN
 InnerRNN = RNN  # tf-keras's RNN keeps a tuple of step outputs apart already
 TracedBidirectional = _traced["TracedBidirectional"]
 
@@ -142,6 +146,20 @@ def make_input(tensor):
 
 def make_model(inputs, outputs, name):
     return keras.Model(inputs, outputs, name=name)
+
+
+@keras.saving.register_keras_serializable(package="lstm_rewrite", name="TracedModel")
+class TracedModel(CarriesRecord, Functional):
+    """A traced model: functional, with its rewrite record saved in its config."""
+
+
+# A legacy .h5 names the model by its bare class name (tf_keras saving_utils.model_metadata), not
+# by the registered "lstm_rewrite>TracedModel": register that name too, or such files cannot load.
+keras.utils.get_custom_objects().setdefault("TracedModel", TracedModel)
+
+
+def make_traced_model(inputs, outputs, name):
+    return TracedModel(inputs, outputs, name=name)
 
 
 def recurrent_call(args, kwargs):
