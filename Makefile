@@ -1,11 +1,12 @@
 # The README's quick start: `make demo` and `make test`. Both set up .venv first.
+# `make browser` installs Debian's chromium and chromium-driver, which the explorer's browser
+# tests need (`make test` skips them, saying why, where no browser is found).
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test fuzz bench clean
+.PHONY: setup demo test fuzz bench clean browser
 
 setup: $(STAMP)
 
@@ -33,3 +34,8 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# Headless Chromium for tests/test_explorer.py (Debian/Ubuntu; sudo unless already root).
+browser:
+	$$( [ "$$(id -u)" -eq 0 ] || echo sudo ) apt-get update -qq
+	$$( [ "$$(id -u)" -eq 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver

@@ -57,7 +57,10 @@ __all__ = [
 
 # Sigmoid gates: saturation means close to 0 or to 1. "g" is a tanh candidate, not a gate.
 SIGMOID_GATES = ("i", "f", "o", "z", "r")
-_ORDER = ("c", "h", "i", "f", "g", "o", "z", "r")
+_ORDER = ("c", "h", "i", "f", "g", "o", "z", "r", "n")
+# Sequences kept whole (every state at every valid step) for the report's explorer: a bounded
+# sample, whatever the size of the data set.
+EXPLORER_SEQUENCES = 12
 REPORT_FORMAT = "lstm_rewrite.audit"
 ORIENTATIONS = ("forward", "go_backwards", "backward_aligned")
 
@@ -460,9 +463,9 @@ class _LayerAccumulator:
         while len(self.samples) < self.n_samples and row < b:
             keep = valid[row]
             self.samples.append({
-                "states": {q: np.asarray(v[row][keep], dtype=np.float32) for q, v in states.items()
-                           if q in ("c", "h")},
+                "states": {q: np.asarray(v[row][keep], dtype=np.float32) for q, v in states.items()},
                 "labels": {n: np.asarray(l[row][keep], dtype=np.float64) for n, l in labels.items()},
+                "steps": np.flatnonzero(keep),  # input-time index of each kept (valid) step
             })
             row += 1
 
@@ -579,7 +582,8 @@ class LayerAudit:
         label_correlation: label -> quantity ("c", "h") -> Pearson r per unit (NaN if undefined).
         histograms: quantity -> (limits (units,), counts (units, bins)): unit u's bins split
             [-limits[u], limits[u]] evenly.
-        samples: the first few sequences' c and h (valid steps only) and labels, for figures.
+        samples: the first few sequences' states (every exposed quantity, valid steps only, in
+            input time), labels and input-time step indices, for the figures and the explorer.
     """
 
     prefix: str
@@ -686,6 +690,10 @@ class AuditReport:
     thresholds: AuditThresholds
     sequences: int
     labels: tuple[str, ...] = ()
+    # The sample the explorer shows (the layers' ``samples`` sequences): each sequence's tokens as
+    # display strings, one per input step (None without token input), and its labels per input step.
+    sample_tokens: list[list[str]] | None = field(default=None, repr=False)
+    sample_labels: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def best_tracking(self, label: str | None = None) -> TrackingUnit | None:
         """The unit of any layer that tracks ``label`` best (the only label when ``None``).
@@ -843,7 +851,7 @@ def audit_batches(
     thresholds: AuditThresholds | Mapping[str, float] | None = None,
     layer_classes: Mapping[str, str] | None = None,
     orientations: Mapping[str, str] | None = None,
-    samples: int = 3,
+    samples: int = EXPLORER_SEQUENCES,
 ) -> AuditReport:
     """Fold a stream of state batches into an ``AuditReport`` (the array-level core of ``audit``).
 
@@ -860,7 +868,7 @@ def audit_batches(
             ``go_backwards`` layer, i.e. reversed input time: labels are flipped to match) or
             ``"backward_aligned"`` (input time, processed from the end, like the backward half of
             ``Bidirectional``: the growth step index counts from the end).
-        samples: how many leading sequences to keep for the figures.
+        samples: how many leading sequences to keep for the figures and the report's explorer.
 
     Returns:
         AuditReport.
@@ -920,6 +928,7 @@ def audit_batches(
     return AuditReport(
         layers={p: acc.finish() for p, acc in layers.items()},
         thresholds=t, sequences=seen, labels=names,
+        sample_labels={n: np.asarray(a[:samples], dtype=np.float64) for n, a in label_arrays.items()},
     )
 
 
@@ -931,6 +940,8 @@ def audit(
     thresholds: AuditThresholds | Mapping[str, float] | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    tokens=None,
+    vocab: Mapping[int, str] | list[str] | None = None,
 ) -> AuditReport:
     """Run ``model`` over ``data`` once and audit every recurrent unit (see the module docstring).
 
@@ -948,6 +959,11 @@ def audit(
         thresholds: ``AuditThresholds`` or a dict overriding some of its defaults.
         batch_size: sequences per batch.
         progress: show a progress bar on stderr.
+        tokens: the token ids of the sequences, (sequences, time), for the report's coloured text;
+            by default the data itself when it is one 2-D integer array (a model whose input feeds
+            an ``Embedding``). Only the explorer's sample is read from it.
+        vocab: id -> token text (a dict, or a list indexed by id), as for ``export_lstmvis``;
+            without it the text shows the ids.
 
     Returns:
         AuditReport: ``.summary()``, ``.to_json(path)``, ``.to_html(out_dir)``.
@@ -979,5 +995,26 @@ def audit(
     orientations = {e.layer: e.time_order for e in record.exposed}
     batches = iter_state_batches(traced, data, states=None, layers=None, batch_size=batch_size,
                                  progress=progress)
-    return audit_batches(batches, labels=labels, thresholds=thresholds, layer_classes=classes,
-                         orientations=orientations)
+    report = audit_batches(batches, labels=labels, thresholds=thresholds, layer_classes=classes,
+                           orientations=orientations)
+    report.sample_tokens = _sample_tokens(data if tokens is None else tokens, vocab, explicit=tokens is not None)
+    return report
+
+
+def _sample_tokens(tokens, vocab, explicit: bool) -> list[list[str]] | None:
+    """The explorer sample's tokens as display strings, one per input step; None without tokens."""
+    array = np.asarray(tokens) if isinstance(tokens, (np.ndarray, list)) else None
+    if array is None or array.ndim != 2 or array.dtype.kind not in "iuf" or (
+            array.dtype.kind == "f" and not np.all(np.isfinite(array) & (array == np.round(array)))):
+        if explicit:
+            raise InvalidArgumentError(
+                f"tokens= takes the token ids of the audited sequences, an integer array of shape "
+                f"(sequences, time). Received: {type(tokens).__name__} of shape {getattr(array, 'shape', None)}"
+            )
+        return None  # data that are not token ids (features, several inputs, a generator)
+    ids = array[:EXPLORER_SEQUENCES].astype(np.int64)
+    if vocab is None:
+        return [[str(int(i)) for i in row] for row in ids]
+    lookup = (lambda i: vocab[i] if 0 <= i < len(vocab) else str(i)) if isinstance(vocab, (list, tuple)) \
+        else (lambda i: vocab.get(i, vocab.get(str(i), str(i))))
+    return [[str(lookup(int(i))) for i in row] for row in ids]

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import pathlib
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -158,8 +159,21 @@ def _other_recurrent_layers(model, covered: set[int], seen: set[int] | None = No
     return found
 
 
-def cmd_inspect(args) -> int:
+def _file_and_model(info, model) -> dict[str, Any]:
+    """What ``inspect`` says of every file: its format and writer, the model's inputs and outputs."""
     from .capture import input_specs
+
+    return {
+        "file": {"path": info.path, "format": info.format, "flavour": info.flavour,
+                 "keras_version": info.keras_version, "evidence": info.evidence},
+        "model": {"name": model.name, "class": type(model).__name__,
+                  "inputs": [{"name": s.name, "shape": [None, *s.shape], "dtype": str(s.dtype)}
+                             for s in input_specs(model)],
+                  "outputs": [str(n) for n in getattr(model, "output_names", None) or []]},
+    }
+
+
+def cmd_inspect(args) -> int:
     from .loading import inspect_model_file
     from .record import record_of
     from .rewrite import plan_rewrite
@@ -174,12 +188,7 @@ def cmd_inspect(args) -> int:
     sites = plan_rewrite(model, layers=_split(args.layers), states=states)
     covered = {id(s.layer) for s in sites}
     result = {
-        "file": {"path": info.path, "format": info.format, "flavour": info.flavour,
-                 "keras_version": info.keras_version, "evidence": info.evidence},
-        "model": {"name": model.name, "class": type(model).__name__,
-                  "inputs": [{"name": s.name, "shape": [None, *s.shape], "dtype": str(s.dtype)}
-                             for s in input_specs(model)],
-                  "outputs": [str(n) for n in getattr(model, "output_names", None) or []]},
+        **_file_and_model(info, model),
         "recurrent_layers": [
             {"site": s.site, "layer": s.layer.name, "class": s.layer_class or type(s.layer).__name__,
              "kind": s.kind, "selected": bool(s.selected),
@@ -215,15 +224,8 @@ def cmd_inspect(args) -> int:
 
 def _inspect_traced(info, model, record, as_json: bool) -> int:
     """``inspect`` on a model that is already traced: what it exposes, from its record."""
-    from .capture import input_specs
-
     result = {
-        "file": {"path": info.path, "format": info.format, "flavour": info.flavour,
-                 "keras_version": info.keras_version, "evidence": info.evidence},
-        "model": {"name": model.name, "class": type(model).__name__,
-                  "inputs": [{"name": s.name, "shape": [None, *s.shape], "dtype": str(s.dtype)}
-                             for s in input_specs(model)],
-                  "outputs": [str(n) for n in model.output_names]},
+        **_file_and_model(info, model),
         "traced": {
             "record": record.source,  # "stored" in the file, or recovered from "output names"
             "method": record.method,
@@ -391,6 +393,7 @@ def cmd_audit(args) -> int:
     from .audit import audit
 
     labels = read_labels(args.labels) if args.labels else None
+    vocab = read_vocab(args.vocab)
     note = None
     if args.model is None:
         from .demo import demo_data, demo_model_path
@@ -398,7 +401,8 @@ def cmd_audit(args) -> int:
         if args.data:
             raise InvalidArgumentError("--data needs a MODEL: without one the bundled demo model and data are used.")
         model = _load(str(demo_model_path()), False)
-        data, depth, _ = demo_data()
+        data, depth, demo_vocab = demo_data()
+        vocab = vocab if vocab is not None else demo_vocab
         labels = labels if labels is not None else {"depth": depth}
         source = "the bundled demo model (brackets) and its sequences, labelled with the nesting depth"
     else:
@@ -416,7 +420,8 @@ def cmd_audit(args) -> int:
             source = f"{args.model} on synthesized inputs"
             if labels is not None:
                 raise InvalidArgumentError("--labels needs --data: labels must describe the audited sequences.")
-    report = audit(model, data, labels=labels, batch_size=args.batch_size, progress=not args.quiet)
+    report = audit(model, data, labels=labels, batch_size=args.batch_size, progress=not args.quiet,
+                   vocab=vocab)
     out_dir = args.out
     existed = os.path.isdir(out_dir)
     try:
@@ -431,7 +436,7 @@ def cmd_audit(args) -> int:
     if note:
         print(f"Note: {note}")
     print(report.summary())
-    print(f"Report: {page} (and report.json, figures in {out_dir})")
+    print(f"Report: {pathlib.Path(page).resolve().as_uri()} (and report.json, figures in {out_dir})")
     return EXIT_OK
 
 
@@ -495,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", metavar="FILE", help=".npy (one label) or .npz (one label per key), shaped (sequences, time)")
     p.add_argument("--out", default="lstm_audit", metavar="DIR", help="report directory (default: lstm_audit)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--vocab", metavar="FILE",
+                   help="token text for the report's coloured sequences: JSON list/object or one word per line")
     p.add_argument("--synthesize", type=int, default=64, metavar="N", help="sequences to synthesize without --data")
     p.add_argument("--time-steps", type=int, default=20, metavar="T", help="length of synthesized sequences")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

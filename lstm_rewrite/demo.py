@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    x, depth, _ = demo_data()
-    report = audit(load_demo_model(args.flavour), x, labels={"depth": depth}, progress=not args.quiet)
+    x, depth, vocab = demo_data()
+    report = audit(load_demo_model(args.flavour), x, labels={"depth": depth}, vocab=vocab,
+                   progress=not args.quiet)
     page = report.to_html(args.out)
     print(report.summary())
     print(f"Report: {page}")

@@ -1,4 +1,9 @@
-"""Report stage: draw an ``AuditReport`` as PNG figures and one static HTML page.
+"""Report stage: draw an ``AuditReport`` as PNG figures and one HTML page with a state explorer.
+
+The page reads as a static report (summary, figures, one audit table per layer) and, with
+JavaScript, holds an explorer (``explorer.js``, written here, no library) over a bounded sample of
+the audited sequences: text coloured by a unit's state, its states and gates over time, the units
+on during a selected span. Everything sits next to ``report.html`` and opens from disk, offline.
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas directly, never
 through ``pyplot``, so writing a report neither changes the caller's backend nor needs a display.
@@ -6,7 +11,10 @@ through ``pyplot``, so writing a report neither changes the caller's backend nor
 
 from __future__ import annotations
 
+import dataclasses
 import html
+import json
+import math
 import os
 import re
 from typing import TYPE_CHECKING
@@ -16,7 +24,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from .audit import AuditReport, LayerAudit
 
-__all__ = ["write_html", "write_figures"]
+__all__ = ["write_html", "write_figures", "explorer_data", "unit_columns"]
 
 _SAMPLE_HEATMAPS = 3
 _HISTOGRAM_UNITS = 32
@@ -201,8 +209,12 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if abs(value) >= 1e4 else f"{value:.{digits}f}"
 
 
-def _unit_table(report: "AuditReport", layer: "LayerAudit") -> str:
-    columns: list[tuple[str, object]] = []
+def unit_columns(layer: "LayerAudit") -> tuple[list[tuple[str, np.ndarray]], list[list[str]]]:
+    """The audit table of one layer: (column name, per-unit values) pairs, and each unit's flags.
+
+    The HTML table and the explorer's unit rows both read it, so they cannot disagree.
+    """
+    columns: list[tuple[str, np.ndarray]] = []
     for quantity in ("c", "h"):
         if quantity in layer.stats:
             for stat in ("mean", "std", "min", "max"):
@@ -219,20 +231,113 @@ def _unit_table(report: "AuditReport", layer: "LayerAudit") -> str:
     for label, per_q in layer.label_correlation.items():
         for quantity, r in per_q.items():
             columns.append((f"r({quantity}, {label})", r))
-    flags = {u: [] for u in range(layer.units)}
+    flags: list[list[str]] = [[] for _ in range(layer.units)]
     for u in layer.dead_units:
         flags[u].append("dead")
     for u in layer.saturated_units:
         flags[u].append("saturated")
     for u in (layer.growth or {}).get("drifting_units", []):
         flags[u].append("drifting")
+    return columns, flags
+
+
+def unit_row_id(prefix: str, unit: int) -> str:
+    """The HTML id of a unit's audit row, which the explorer links to: ``unit-lstm-11``."""
+    return f"unit-{_slug(prefix)}-{unit}"
+
+
+def _unit_table(report: "AuditReport", layer: "LayerAudit") -> str:
+    columns, flags = unit_columns(layer)
     head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
     rows = []
     for unit in range(layer.units):
         cells = "".join(f"<td>{_fmt(values[unit])}</td>" for _, values in columns)
-        rows.append(f"<tr><td>{unit}</td>{cells}<td>{', '.join(flags[unit])}</td></tr>")
+        rows.append(f"<tr id='{unit_row_id(layer.prefix, unit)}'><td>{unit}</td>{cells}"
+                    f"<td>{', '.join(flags[unit])}</td></tr>")
     return (f"<table><thead><tr><th>unit</th>{head}<th>flags</th></tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+# --- the explorer ---------------------------------------------------------------------------
+
+EXPLORER_FORMAT = 1
+_EXPLORER_ASSETS = ("explorer.js", "explorer.css")  # written here (lstm_rewrite/data), no library
+_ACTIVE_UNITS = 5
+
+
+def _number(value) -> float | None:
+    """A JSON number (5 decimals keep the page small), or None for NaN and infinity."""
+    value = float(value)
+    return round(value, 5) if math.isfinite(value) else None
+
+
+def explorer_data(report: "AuditReport") -> dict:
+    """What the explorer shows: the report's sample sequences, whole, and each unit's audit row.
+
+    Every value comes from the report: the samples the audit kept (its first sequences, every
+    exposed quantity at every valid step, in input time), the tokens and labels of those
+    sequences, and the audit table (`unit_columns`).
+    """
+    layers = []
+    shown = 0
+    for prefix, layer in report.layers.items():
+        columns, flags = unit_columns(layer)
+        quantities = [q for q in layer.samples[0]["states"]] if layer.samples else []
+        shown = max(shown, len(layer.samples))
+        layers.append({
+            "prefix": prefix, "layer_class": layer.layer_class, "units": layer.units,
+            "quantities": quantities,
+            "sequences": [{"steps": [int(k) for k in sample["steps"]],
+                           "values": {q: [[_number(v) for v in step] for step in sample["states"][q]]
+                                      for q in quantities}}
+                          for sample in layer.samples],
+            "columns": [name for name, _ in columns],
+            "rows": [[_number(values[unit]) for _, values in columns] for unit in range(layer.units)],
+            "flags": flags,
+        })
+    tracking = [dataclasses.asdict(b) for b in (report.best_tracking(label) for label in report.labels) if b]
+    active = {}
+    for prefix, layer in report.layers.items():
+        quantity = "c" if "c" in layer.stats else "h" if "h" in layer.stats else None
+        std = layer.stats[quantity]["std"] if quantity else np.zeros(layer.units)
+        active[prefix] = [int(u) for u in np.argsort(-np.nan_to_num(std, nan=-1.0), kind="stable")[:_ACTIVE_UNITS]]
+    if tracking:
+        first = tracking[0]
+        initial = {"layer": first["layer"], "unit": first["unit"], "quantity": first["quantity"], "sequence": 0}
+    elif layers:
+        first = layers[0]
+        quantity = next((q for q in ("c", "h") if q in first["quantities"]), (first["quantities"] or ["c"])[0])
+        initial = {"layer": first["prefix"], "unit": active[first["prefix"]][0] if active[first["prefix"]] else 0,
+                   "quantity": quantity, "sequence": 0}
+    else:
+        initial = None
+    tokens = report.sample_tokens[:shown] if report.sample_tokens is not None else None
+    return {
+        "format": EXPLORER_FORMAT,
+        "sequences": report.sequences,
+        "shown": shown,
+        "tokens": tokens,
+        "labels": {name: [[_number(v) for v in row] for row in values[:shown]]
+                   for name, values in report.sample_labels.items()},
+        "layers": layers,
+        "tracking": tracking,
+        "active_units": active,
+        "initial": initial,
+    }
+
+
+def write_explorer(report: "AuditReport", out_dir: str) -> None:
+    """Write ``explorer_data.js`` (the data, as a script: a page opened from disk cannot fetch a
+    JSON file) and the explorer's own script and style next to ``report.html``."""
+    import shutil
+    from pathlib import Path
+
+    data = json.dumps(explorer_data(report), allow_nan=False, separators=(",", ":"))
+    with open(os.path.join(out_dir, "explorer_data.js"), "w", encoding="utf-8") as handle:
+        handle.write(f"window.LSTM_REPORT = {data};\n")
+    assets = Path(__file__).parent / "data"
+    for name in _EXPLORER_ASSETS:
+        shutil.copyfile(assets / name, os.path.join(out_dir, name))
 
 
 _STYLE = """
@@ -246,7 +351,7 @@ img { max-width: 100%; display: block; margin: 1em 0; }
 
 
 def write_html(report: "AuditReport", out_dir: str) -> str:
-    """Write ``report.html``, ``report.json`` and the PNG figures into ``out_dir``.
+    """Write ``report.html``, ``report.json``, the PNG figures and the explorer into ``out_dir``.
 
     Returns:
         The path of ``report.html``.
@@ -258,11 +363,15 @@ def write_html(report: "AuditReport", out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     figures = write_figures(report, out_dir)
     report.to_json(os.path.join(out_dir, "report.json"))
+    write_explorer(report, out_dir)
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>LSTM audit</title>",
-        f"<style>{_STYLE}</style></head><body>",
+        f"<style>{_STYLE}</style><link rel='stylesheet' href='explorer.css'></head><body>",
         "<h1>LSTM audit</h1>",
         f"<pre>{html.escape(report.summary())}</pre>",
+        # The explorer (explorer.js) fills this in; without JavaScript the page is the summary,
+        # the figures and the tables below.
+        "<div id='explorer'></div>",
         "<p>Every statistic counts valid (unmasked) steps only; the full numbers are in "
         "<a href='report.json'>report.json</a>. Thresholds: "
         + ", ".join(f"{html.escape(k)} = {v}" for k, v in vars(report.thresholds).items()) + ".</p>",
@@ -276,6 +385,7 @@ def write_html(report: "AuditReport", out_dir: str) -> str:
         for name in figures.get(prefix, []):
             parts.append(f"<img src='{html.escape(name)}' alt='{html.escape(name)}'>")
         parts.append(_unit_table(report, layer))
+    parts.append("<script src='explorer_data.js'></script><script src='explorer.js'></script>")
     parts.append("</body></html>")
     path = os.path.join(out_dir, "report.html")
     with open(path, "w", encoding="utf-8") as handle:
