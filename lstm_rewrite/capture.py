@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -200,11 +201,9 @@ def validate_batch(batch, specs: Sequence[_InputSpec], where: str) -> dict[str, 
 
 
 def _is_dataset(data) -> bool:
-    try:
-        import tensorflow as tf
-    except ImportError:  # pragma: no cover - tensorflow is a dependency
-        return False
-    return isinstance(data, tf.data.Dataset)
+    # A tf.data.Dataset exists only once TensorFlow is imported: no import for the others (JAX).
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(data, tf.data.Dataset)
 
 
 def _split_inputs(element, specs: Sequence[_InputSpec]):
@@ -386,8 +385,7 @@ def _by_prefix(mapping: Mapping[str, Any], layer: str):
 
 def _runner(traced, output_names: list[str]) -> Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]:
     """A compiled function from ``{input name: array}`` to the named outputs, in that order."""
-    import tensorflow as tf
-
+    from . import backends
     from .backends import flavour_of, keras_module
 
     all_names = list(traced.output_names)
@@ -401,17 +399,10 @@ def _runner(traced, output_names: list[str]) -> Callable[[Mapping[str, np.ndarra
     sub = keras_module(flavour_of(traced)).Model(traced.inputs, outputs)
     specs = input_specs(traced)
     input_names = [s.name for s in specs]
-    # One graph for every batch: batch size (the last batch is smaller) and, where the model allows
-    # it, sequence length are left open instead of tracing the LSTM loop once per shape.
-    signature = [[tf.TensorSpec((None, *s.shape), tf.as_dtype(s.dtype)) for s in specs]]
-
-    @tf.function(input_signature=signature)
-    def run(inputs):
-        result = sub(inputs, training=False)
-        return result if isinstance(result, (list, tuple)) else [result]
+    run = backends.for_model(traced).compiled_predict(sub, [((None, *s.shape), s.dtype) for s in specs])
 
     def call(arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return [np.asarray(t) for t in run([arrays[n] for n in input_names])]
+        return run([arrays[n] for n in input_names])
 
     return call
 

@@ -209,7 +209,8 @@ class WrapsRecurrentLayer:
         self.reset_states()
 
 
-def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_cell):
+def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_cell,
+                         masked_steps_repeat_output=True):
     """Define the traced cells, TracedRNN and TracedBidirectional for one Keras flavour.
 
     Args:
@@ -222,6 +223,10 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
             and ``.h5`` files need the forward and backward weights apart).
         tree: ``flatten`` and ``pack_sequence_as`` for nested state lists (``keras.tree``, ``tf.nest``).
         conv_lstm_cell: that flavour's ``ConvLSTMCell`` class (not public in either flavour).
+        masked_steps_repeat_output: whether the backend's RNN loop repeats the real previous
+            output on masked steps (TensorFlow, torch). Keras 3's JAX and NumPy loops repeat
+            ``states[0]`` instead (keras/src/backend/jax/rnn.py), which is not the traced cell's
+            output: there the inner RNN zeroes masked steps and `TracedRNN` fills them itself.
 
     Returns:
         A dict of the classes, keyed by class name.
@@ -576,6 +581,13 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
             self.state_shapes = None if state_shapes is None else [tuple(int(d) for d in s) for s in state_shapes]
             self.state_count = state_count
             self.supports_masking = True
+            if not masked_steps_repeat_output:
+                # Zeroed masked steps are the same on every backend; `_fill_masked` then repeats
+                # the last valid step's parts, as a loop that repeats its output would. A step
+                # output must be one tensor there (the loop zeroes it with one `where`).
+                self.rnn.zero_output_for_mask = True
+                if getattr(self.rnn.cell, "split_outputs", False):
+                    self.rnn.cell.split_outputs = False
 
         def build(self, input_shape):
             # Build the inner RNN here, not lazily in call: Keras 3 traces call in a stateless scope
@@ -635,8 +647,9 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
                 states = [ops.reshape(s, (-1, math.prod(shape))) for s, shape in zip(states, self.state_shapes)]
             structure = self.rnn.cell.state_size
             if isinstance(structure, (list, tuple)) and len(tree.flatten(structure)) != len(structure):
-                # tf-keras counts initial states per cell of a stack.
-                states = tree.pack_sequence_as(list(structure), list(states))
+                # tf-keras counts initial states per cell of a stack. Plain lists: JAX refuses
+                # Keras's tracked lists as loop carries.
+                states = tree.pack_sequence_as(_plain_lists(structure), list(states))
             return states
 
         @_plain_python
@@ -652,12 +665,21 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
             if self.state_shapes:
                 final_states = [ops.reshape(s, (-1,) + shape) for s, shape in zip(final_states, self.state_shapes)]
             parts = self._parts(sequence)
-            output = parts[0]  # [batch, time, ...]
             step_mask = None
             if mask is not None:
                 step_mask = ops.cast(mask, "bool")  # [batch, time], input order
                 if self.rnn.go_backwards:
                     step_mask = ops.flip(step_mask, axis=1)
+                if self.rnn.zero_output_for_mask:
+                    parts = _fill_masked(parts, step_mask)
+                    if not masked_steps_repeat_output and initial_state is not None and \
+                            tuple(initial_state[0].shape[1:]) == tuple(parts[0].shape[2:]):
+                        # The original layer's loop repeats states[0] there, the initial h before
+                        # the first valid step; a stacked or custom cell's output is not its
+                        # states[0], and verification says if that differs.
+                        parts = [_carry_initial_state(parts[0], step_mask, initial_state, 0), *parts[1:]]
+            output = parts[0]  # [batch, time, ...]
+            if step_mask is not None:
                 if self.zero_output_for_mask:
                     output = ops.where(_expand_like(step_mask, output), output, ops.zeros_like(output))
             if not self.return_sequences:
@@ -975,6 +997,33 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
         for _ in range(len(tensor.shape) - 2):
             expanded = ops.expand_dims(expanded, -1)
         return expanded
+
+    def _plain_lists(structure):
+        if isinstance(structure, (list, tuple)):
+            return [_plain_lists(item) for item in structure]
+        return structure
+
+    def _fill_masked(parts, step_mask):
+        # Each masked step takes the value of the last valid step before it (zero before the first,
+        # which `_carry_initial_state` then replaces by the initial state where that is carried):
+        # what a loop that repeats its previous output gives, from a loop that zeroed masked steps.
+        if not isinstance(step_mask.shape[1], int):
+            # Only shapes are asked for (a symbolic or shape-polymorphic time axis, where no scan
+            # can run), and filling keeps them.
+            return parts
+        positions = ops.cumsum(ops.ones_like(step_mask, dtype="int32"), axis=1) - 1  # [batch, time]: t
+        marked = ops.where(step_mask, positions, -ops.ones_like(positions))
+        last_valid = ops.associative_scan(ops.maximum, marked, axis=1)  # [batch, time]
+        seen = last_valid >= 0
+        index = ops.maximum(last_valid, 0)
+        filled = []
+        for part in parts:
+            gather = index
+            for _ in range(len(part.shape) - 2):
+                gather = ops.expand_dims(gather, -1)
+            repeated = ops.take_along_axis(part, gather + ops.zeros_like(part, dtype="int32"), axis=1)
+            filled.append(ops.where(_expand_like(seen, part), repeated, ops.zeros_like(part)))
+        return filled
 
     def _carry_initial_state(sequence, step_mask, initial_state, index):
         # The RNN loop repeats its previous *output* on masked steps, and that output is zero before

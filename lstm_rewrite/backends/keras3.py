@@ -7,6 +7,7 @@ on each node; masks travel as explicit ``mask=`` keywords produced by operations
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 from keras.src.layers.rnn.conv_lstm import ConvLSTM, ConvLSTMCell
 
@@ -87,7 +88,11 @@ class PartsRNN(keras.layers.RNN):
         return output
 
 
-_traced = define_traced_layers(keras, ops, _dropout_masks, keras.name_scope, keras.tree, ConvLSTMCell)
+# JAX's and NumPy's RNN loops carry states[0] as the previous output on masked steps
+# (keras/src/backend/jax/rnn.py); TensorFlow's and torch's carry the real previous output.
+MASKED_STEPS_REPEAT_OUTPUT = keras.backend.backend() in ("tensorflow", "torch")
+_traced = define_traced_layers(keras, ops, _dropout_masks, keras.name_scope, keras.tree, ConvLSTMCell,
+                               masked_steps_repeat_output=MASKED_STEPS_REPEAT_OUTPUT)
 for _name, _cls in _traced.items():
     _cls.__name__ = _cls.__qualname__ = _name
     keras.saving.register_keras_serializable(package="lstm_rewrite", name=_name)(_cls)
@@ -232,6 +237,26 @@ def gpu_visible() -> bool:
 
         return any(device.platform == "gpu" for device in jax.devices())
     return False
+
+
+def compiled_predict(model, signature):
+    """``model``'s forward pass, compiled once for capture: ``f([input arrays]) -> [NumPy outputs]``.
+
+    On TensorFlow one ``tf.function`` with open batch and time axes; on JAX and torch Keras's own
+    predict step (jitted on JAX, without gradients on torch), traced again only for a new shape.
+    """
+    if keras.backend.backend() == "tensorflow":
+        from ._tensorflow import tf_function_predict
+
+        return tf_function_predict(model, signature)
+
+    def call(arrays):
+        arrays = list(arrays)
+        result = model.predict_on_batch(arrays[0] if len(arrays) == 1 else arrays)
+        result = result if isinstance(result, (list, tuple)) else [result]
+        return [np.asarray(to_numpy(r)) for r in result]
+
+    return call
 
 
 def to_numpy(value):

@@ -158,6 +158,13 @@ class TracedModel(CarriesRecord, Functional):
 keras.utils.get_custom_objects().setdefault("TracedModel", TracedModel)
 
 
+def compiled_predict(model, signature):
+    """``model``'s forward pass as one ``tf.function`` over every batch (see `_tensorflow`)."""
+    from ._tensorflow import tf_function_predict
+
+    return tf_function_predict(model, signature)
+
+
 def make_traced_model(inputs, outputs, name):
     return TracedModel(inputs, outputs, name=name)
 
