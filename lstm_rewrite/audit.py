@@ -314,13 +314,25 @@ class StreamingHistogram:
         limit = self.limits[column] or 1.0
         return np.linspace(-limit, limit, self.bins + 1)
 
+    def _limit_above(self, values: np.ndarray) -> np.ndarray:
+        # Strictly above the largest |value|: a value equal to the limit would be clipped into the
+        # top bin, and after a doubling it would sit one bin below where a wider first range puts
+        # it. With every value strictly inside, the counts do not depend on how the data were
+        # split into batches or shards, and merges are exact.
+        return 2.0 ** (np.floor(np.log2(np.maximum(values, self._SMALLEST))) + 1.0)
+
     def _grow_to(self, needed: np.ndarray) -> None:
+        """Widen each column so that it holds |values| up to ``needed`` strictly inside."""
         fresh = self.limits == 0
-        self.limits[fresh] = 2.0 ** np.ceil(np.log2(np.maximum(needed[fresh], self._SMALLEST)))
+        self.limits[fresh] = self._limit_above(needed[fresh])
+        self._widen(np.maximum(self.limits, self._limit_above(needed)))
+
+    def _widen(self, target: np.ndarray) -> None:
+        """Double each column's limit (a power of two) until it reaches ``target`` (powers of two)."""
         quarter = self.bins // 4
-        for column in np.flatnonzero(self.limits < needed):
+        for column in np.flatnonzero(self.limits < target):
             counts = self.counts[column]
-            while self.limits[column] < needed[column]:
+            while self.limits[column] < target[column]:
                 merged = counts[0::2] + counts[1::2]  # [bins / 2]
                 counts = np.zeros_like(counts)
                 counts[quarter : quarter + self.bins // 2] = merged
@@ -348,8 +360,8 @@ class StreamingHistogram:
         self.limits = np.where(self.limits == 0, other.limits, self.limits)
         other.limits = np.where(other.limits == 0, self.limits, other.limits)
         target = np.maximum(self.limits, other.limits)
-        self._grow_to(target)
-        other._grow_to(target)
+        self._widen(target)
+        other._widen(target)
         self.counts += other.counts
         return self
 
@@ -374,6 +386,11 @@ def _split_name(name: str) -> tuple[str, str]:
             f"'encoder.c'. Received: {name!r}"
         )
     return prefix, quantity
+
+
+def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+    """``array`` with zero rows appended up to ``rows`` (per-step-index sums of a longer side)."""
+    return np.concatenate([array, np.zeros((rows - array.shape[0], *array.shape[1:]), array.dtype)])
 
 
 class _LayerAccumulator:
@@ -468,6 +485,32 @@ class _LayerAccumulator:
                 "steps": np.flatnonzero(keep),  # input-time index of each kept (valid) step
             })
             row += 1
+
+    def merge(self, other: "_LayerAccumulator") -> "_LayerAccumulator":
+        """Fold ``other`` (the same layer, audited over other sequences) into this one, in place.
+
+        Counts and sums add, moments and co-moments merge with Chan's update and histograms on
+        power-of-two ranges, so any split of the sequences gives the same statistics up to
+        rounding. Kept samples are this side's, then ``other``'s: merge in sequence order to keep
+        the leading sequences (``lstm_rewrite.beam`` keeps its own, ordered by example key).
+        """
+        for quantity, moments in other.moments.items():
+            self.moments.setdefault(quantity, RunningMoments(self.units)).merge(moments)
+        for quantity, hist in other.hist.items():
+            self.hist.setdefault(quantity, StreamingHistogram(self.units, hist.bins)).merge(hist)
+        for quantity in other.high:
+            self.high[quantity] = self.high.get(quantity, 0) + other.high[quantity]
+            self.low[quantity] = self.low.get(quantity, 0) + other.low[quantity]
+        self.tanh_sat = self.tanh_sat + other.tanh_sat
+        self.max_abs_h = np.maximum(self.max_abs_h, other.max_abs_h)
+        longest = max(self.step_count.shape[0], other.step_count.shape[0])
+        self.abs_c_sum = _pad_rows(self.abs_c_sum, longest) + _pad_rows(other.abs_c_sum, longest)
+        self.step_count = _pad_rows(self.step_count, longest) + _pad_rows(other.step_count, longest)
+        for name, per_quantity in other.corr.items():
+            for quantity, co in per_quantity.items():
+                self.corr.setdefault(name, {}).setdefault(quantity, RunningCoMoments(self.units)).merge(co)
+        self.samples.extend(other.samples[:max(0, self.n_samples - len(self.samples))])
+        return self
 
     def finish(self) -> "LayerAudit":
         t = self.t

@@ -316,6 +316,8 @@ def cmd_expose(args) -> int:
 
 
 def cmd_states(args) -> int:
+    if args.beam:
+        return _states_on_beam(args)
     import numpy as np
 
     from .capture import cell_states
@@ -390,6 +392,8 @@ def _note_synthesized(out_dir: str, note: str) -> None:
 
 
 def cmd_audit(args) -> int:
+    if args.beam:
+        return _audit_on_beam(args)
     from .audit import audit
 
     labels = read_labels(args.labels) if args.labels else None
@@ -435,6 +439,61 @@ def cmd_audit(args) -> int:
     print(f"Audit of {source}.")
     if note:
         print(f"Note: {note}")
+    print(report.summary())
+    print(f"Report: {pathlib.Path(page).resolve().as_uri()} (and report.json, figures in {out_dir})")
+    return EXIT_OK
+
+
+def _beam_runner(pipeline_args: Sequence[str]):
+    """Beam's in-process FnApiRunner unless the pipeline options name a runner (the default
+    DirectRunner would first try to download the Prism runner)."""
+    if any(a == "--runner" or a.startswith("--runner=") for a in pipeline_args):
+        return None
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    return FnApiRunner()
+
+
+def _states_on_beam(args) -> int:
+    from .beam import cell_states_on_beam
+
+    if args.lstmvis:
+        raise InvalidArgumentError("--lstmvis is not available with --beam: export LSTMVis from a local capture. "
+                                   "Received: --lstmvis " + repr(args.lstmvis))
+    out = cell_states_on_beam(args.model, args.data, args.output, states=_split(args.states),
+                              layers=_split(args.layers), feature_spec=args.feature_spec,
+                              batch_size=args.batch_size, safe=not args.unsafe,
+                              runner=_beam_runner(args.pipeline_args), options=list(args.pipeline_args))
+    from .capture import CellStates
+
+    with CellStates.open(out) as cs:
+        shapes = ", ".join(f"{n} {tuple(cs[n].shape)}" for n in cs)
+    print(f"wrote {out} (index over the shards in {os.path.basename(out).rsplit('.', 1)[0]}-shards/): {shapes}")
+    return EXIT_OK
+
+
+def _audit_on_beam(args) -> int:
+    from .beam import audit_on_beam
+
+    if args.model is None or not args.data:
+        raise InvalidArgumentError("--beam needs a MODEL and --data FILE_PATTERN (the corpus to audit). "
+                                   f"Received: MODEL={args.model!r}, --data={args.data!r}")
+    if args.labels:
+        raise InvalidArgumentError("With --beam the labels live in the data shards: name them with --label-keys "
+                                   f"(npz keys or TFRecord features) instead of --labels. Received: --labels {args.labels!r}")
+    report = audit_on_beam(args.model, args.data, labels=_split(args.label_keys) or (),
+                           feature_spec=args.feature_spec, batch_size=args.batch_size,
+                           vocab=read_vocab(args.vocab), safe=not args.unsafe,
+                           runner=_beam_runner(args.pipeline_args), options=list(args.pipeline_args))
+    out_dir = args.out
+    existed = os.path.isdir(out_dir)
+    try:
+        page = report.to_html(out_dir)
+    except BaseException:
+        if not existed:
+            _remove([out_dir])
+        raise
+    print(f"Audit of {args.model} on {args.data} (Beam).")
     print(report.summary())
     print(f"Report: {pathlib.Path(page).resolve().as_uri()} (and report.json, figures in {out_dir})")
     return EXIT_OK
@@ -492,6 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", metavar="FILE", help="words for --lstmvis: JSON list/object or one word per line")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--beam", action="store_true",
+                   help="run on Apache Beam (pip install 'lstm_rewrite[beam]'): --data is then a file pattern "
+                        "of .npy/.npz shards or TFRecord files; pipeline options follow a '--'")
+    p.add_argument("--feature-spec", metavar="FILE",
+                   help="with --beam and TFRecord data: JSON name -> {dtype, shape} of the features to read")
     p.set_defaults(run=cmd_states)
 
     p = sub.add_parser("audit", help="audit every LSTM unit and write an HTML/JSON report")
@@ -505,6 +569,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthesize", type=int, default=64, metavar="N", help="sequences to synthesize without --data")
     p.add_argument("--time-steps", type=int, default=20, metavar="T", help="length of synthesized sequences")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--beam", action="store_true",
+                   help="run on Apache Beam (pip install 'lstm_rewrite[beam]'): --data is then a file pattern "
+                        "of .npy/.npz shards or TFRecord files; pipeline options follow a '--'")
+    p.add_argument("--feature-spec", metavar="FILE",
+                   help="with --beam and TFRecord data: JSON name -> {dtype, shape} of the features to read")
+    p.add_argument("--label-keys", metavar="LIST",
+                   help="with --beam: per-step label arrays stored in each shard (npz keys or TFRecord features)")
     p.set_defaults(run=cmd_audit)
     return parser
 
@@ -553,10 +624,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Beam's pipeline options (--runner=DataflowRunner --project=...) follow a "--", unparsed here.
+    pipeline_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error (2, already printed)
         return int(stop.code or 0)
+    args.pipeline_args = pipeline_args
+    if pipeline_args and not getattr(args, "beam", False):
+        print(f"lstm-rewrite {args.command}: error: pipeline options after '--' need --beam. "
+              f"Received: -- {' '.join(pipeline_args)}", file=sys.stderr)
+        return EXIT_ERROR
     # A level the user set is theirs to keep, and --verbose keeps everything.
     if not args.verbose and "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
         _quiet_tensorflow()
