@@ -715,3 +715,213 @@ def run_intervened(intervened, inputs, *, masks=None, sources=None, batch_size: 
         >>> outputs = run_intervened(intervened, x, sources={0: corrupt})
     """
     return _predict(intervened, intervened_inputs(intervened, inputs, masks=masks, sources=sources), batch_size)
+
+
+# --- sweeps ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """A labelled array of metric values: ``values`` has axes ``dims`` whose labels are ``coords``.
+
+    Attributes:
+        values: the metric with the intervention, per unit (``dims=("unit",)``), per unit and step,
+            or per step.
+        effect: ``values - baseline``: what the intervention changes.
+        baseline: the metric without any intervention.
+        passes: how many times each sample went through the model (the variants run as rows of
+            the same batches).
+    """
+
+    values: np.ndarray
+    dims: tuple
+    coords: dict
+    baseline: float
+    target: str
+    kind: str
+    passes: int
+
+    @property
+    def effect(self) -> np.ndarray:
+        return self.values - self.baseline
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "kind": self.kind, "dims": list(self.dims),
+                "coords": {k: list(map(int, v)) for k, v in self.coords.items()}, "baseline": float(self.baseline),
+                "values": np.asarray(self.values).tolist(), "passes": int(self.passes)}
+
+
+def _default_target(model) -> str:
+    sites = edit_sites(model)
+    for site, entry in sites.items():
+        if entry.kind in EDITABLE:
+            return f"{site}.{'c' if entry.kind == 'lstm' else 'h'}"
+    raise InvalidArgumentError(
+        f"Model {model.name!r} has no LSTM, GRU or SimpleRNN call to intervene on. Received sites: {sorted(sites)}")
+
+
+def _run_variants(edited, arrays, channels, variants: int, targets, metric, max_rows: int):
+    """Metric per variant: each variant's call-time arrays (``channels(v_indices) -> {name: [len, n, ...]}``)
+    run on every sample, many variants per batch; the metric sees each variant's outputs whole."""
+    record = _record_of(edited)
+    count = arrays[0].shape[0]
+    per_batch = max(1, max_rows // max(count, 1))
+    collected = [[] for _ in range(variants)]
+    for start in range(0, variants, per_batch):
+        chosen = list(range(start, min(variants, start + per_batch)))
+        extra = channels(chosen)  # name -> [len(chosen), count, ...]
+        tiled = [np.concatenate([a] * len(chosen)) for a in arrays]
+        feed = tiled + [extra[name].reshape((-1,) + extra[name].shape[2:]).astype("float32") for name in record.inputs]
+        outputs = _predict(edited, feed, max(max_rows, count))
+        for j, v in enumerate(chosen):
+            collected[v] = [o[j * count:(j + 1) * count] for o in outputs]
+    return np.array([float(metric(outs, targets)) for outs in collected])
+
+
+def unit_importance(model, data, metric: Callable, target: str | None = None, *, value="mean", steps=None,
+                    targets=None, mean_data=None, max_rows: int = 4096) -> SweepResult:
+    """Each unit's ablation effect on ``metric``: ``units + 1`` batched passes over ``data``.
+
+    One intervened model ablates, per sample, the unit its call-time unit mask names; every unit's
+    variant (and the unablated baseline) runs as rows of the same batches.
+
+    Args:
+        model: the model (not intervened).
+        data: its inputs (an array or a list of arrays).
+        metric: ``metric(outputs, targets) -> float``, ``outputs`` the list of the model's outputs
+            over all of ``data`` (see `accuracy_metric`, `loss_metric`, `logit_difference_metric`).
+        target: ``"<site>.<quantity>"``; the first recurrent layer's state when None.
+        value: the Ablate value ("mean": over ``mean_data``, default ``data``; "zero"; a float).
+        steps: the input-time steps ablated (see `normalise_steps`; not "mask").
+        targets: passed to ``metric``.
+        max_rows: at most this many rows per batch.
+
+    Returns:
+        A SweepResult with ``dims=("unit",)``.
+
+    Example:
+        >>> result = unit_importance(model, x, accuracy_metric(), "lstm.c", targets=y)
+        >>> result.effect.argmin()   # the unit whose ablation hurts accuracy most
+    """
+    target = target or _default_target(model)
+    arrays = _as_list(data)
+    mean_source = data if mean_data is None else mean_data
+    edited = intervene(model, [Ablate(target, units="mask", steps=steps, value=value)], verify=False,
+                       data=mean_source if isinstance(value, str) and value == "mean" else None)
+    entry, _ = _record_of(edited).targets[0]
+    units, count, time = entry.units, arrays[0].shape[0], arrays[0].shape[1]
+
+    def channels(chosen):
+        masks = np.zeros((len(chosen), count, time, units), "float32")
+        for j, v in enumerate(chosen):
+            if v > 0:
+                masks[j, :, :, v - 1] = 1.0
+        return {"edit0.units": masks}
+
+    values = _run_variants(edited, arrays, channels, units + 1, targets, metric, max_rows)
+    return SweepResult(values[1:], ("unit",), {"unit": np.arange(units)}, values[0], target, "ablate", units + 1)
+
+
+def patch_sweep(model, clean, corrupt, metric: Callable, target: str | None = None, *, over=("unit", "step"),
+                targets=None, max_rows: int = 4096) -> SweepResult:
+    """Activation patching swept over units and/or steps: run on ``clean`` with one unit (and/or one step)
+    taking its value from the run on ``corrupt``; swap the two for the other direction.
+
+    Args:
+        over: ``("unit", "step")`` (one unit at one step per variant), ``("unit",)`` (one unit at
+            every step) or ``("step",)`` (every unit at one step).
+
+    Returns:
+        A SweepResult with those dims; ``baseline`` is the metric of the clean run.
+
+    Example:
+        >>> result = patch_sweep(model, clean, corrupt, logit_difference_metric(3, 4), "lstm.c")
+        >>> result.values.shape   # (units, steps)
+    """
+    target = target or _default_target(model)
+    over = tuple(over)
+    if over not in (("unit", "step"), ("unit",), ("step",)):
+        raise InvalidArgumentError(
+            f"patch_sweep over= takes ('unit', 'step'), ('unit',) or ('step',). Received: over={over!r}")
+    arrays, source_arrays = _as_list(clean), _as_list(corrupt)
+    if [a.shape for a in arrays] != [a.shape for a in source_arrays]:
+        raise InvalidArgumentError(
+            f"patch_sweep on {target!r}: corrupt inputs have shape {[a.shape for a in source_arrays]}, clean "
+            f"{[a.shape for a in arrays]}; a patch writes values step by step into the same samples, so both need "
+            f"the same shape. Received: corrupt shapes {[a.shape for a in source_arrays]}")
+    edited = intervene(model, [Patch(target, units="mask", steps="mask")], verify=False)
+    entry, _ = _record_of(edited).targets[0]
+    units, count, time = entry.units, arrays[0].shape[0], arrays[0].shape[1]
+    source = _state_runner(model, [target])(source_arrays)[target].astype("float32")  # [count, time, units]
+    grid = [(u, t) for u in range(units) for t in range(time)] if over == ("unit", "step") else (
+        [(u, None) for u in range(units)] if over == ("unit",) else [(None, t) for t in range(time)])
+
+    def channels(chosen):
+        steps = np.zeros((len(chosen), count, time), "float32")
+        unit_masks = np.zeros((len(chosen), count, time, units), "float32")
+        for j, v in enumerate(chosen):
+            if v == 0:
+                continue  # the clean baseline: no step patched
+            u, t = grid[v - 1]
+            steps[j, :, slice(None) if t is None else t] = 1.0
+            unit_masks[j, :, :, slice(None) if u is None else u] = 1.0
+        return {"edit0.steps": steps, "edit0.units": unit_masks, "edit0.source": np.stack([source] * len(chosen))}
+
+    values = _run_variants(edited, arrays, channels, len(grid) + 1, targets, metric, max_rows)
+    shape = {("unit", "step"): (units, time), ("unit",): (units,), ("step",): (time,)}[over]
+    coords = {"unit": np.arange(units), "step": np.arange(time)}
+    return SweepResult(values[1:].reshape(shape), over, {d: coords[d] for d in over}, values[0], target, "patch",
+                       len(grid) + 1)
+
+
+# --- ready metrics -----------------------------------------------------------------------------
+
+
+def _output(outputs, output):
+    return np.asarray(outputs[output] if isinstance(outputs, (list, tuple)) else outputs)
+
+
+def accuracy_metric(output: int = 0, where=None) -> Callable:
+    """``metric(outputs, targets)``: accuracy of ``argmax(outputs[output])`` on the labelled steps
+    (``targets >= 0``, and ``where`` when given: a boolean array shaped like ``targets``).
+
+    Example:
+        >>> accuracy_metric()([np.eye(3)[None]], np.array([[0, 1, 1]]))
+        0.6666666666666666
+    """
+    def metric(outputs, targets):
+        predicted = _output(outputs, output).argmax(-1)
+        labels = np.asarray(targets)
+        keep = labels >= 0 if where is None else (labels >= 0) & np.asarray(where, bool)
+        return float((predicted == labels)[keep].mean()) if keep.any() else float("nan")
+
+    return metric
+
+
+def loss_metric(output: int = 0, from_logits: bool = False, where=None) -> Callable:
+    """``metric(outputs, targets)``: mean sparse categorical cross-entropy on the labelled steps."""
+    def metric(outputs, targets):
+        scores = _output(outputs, output).astype("float64")
+        if from_logits:
+            scores = scores - scores.max(-1, keepdims=True)
+            log_p = scores - np.log(np.exp(scores).sum(-1, keepdims=True))
+        else:
+            log_p = np.log(np.clip(scores, 1e-12, 1.0))
+        labels = np.asarray(targets)
+        keep = labels >= 0 if where is None else (labels >= 0) & np.asarray(where, bool)
+        picked = np.take_along_axis(log_p, np.clip(labels, 0, None)[..., None], -1)[..., 0]
+        return float(-picked[keep].mean())
+
+    return metric
+
+
+def logit_difference_metric(correct: int, wrong: int, output: int = 0, step: int | None = -1) -> Callable:
+    """``metric(outputs, targets)``: mean of ``outputs[..., correct] - outputs[..., wrong]`` (at ``step``
+    of a sequence output; None for every step). A probability output gives the probability difference."""
+    def metric(outputs, targets=None):
+        scores = _output(outputs, output)
+        if scores.ndim == 3 and step is not None:
+            scores = scores[:, step]
+        return float((scores[..., correct] - scores[..., wrong]).mean())
+
+    return metric

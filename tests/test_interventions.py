@@ -367,3 +367,50 @@ def test_patch_source_of_another_shape(flavour):
     edited = intervene(model, [Patch("lstm.c", units=[0])], verify=False)
     with pytest.raises(InvalidArgumentError, match=r"Patch on 'lstm.c'.*same shape"):
         intervened_inputs(edited, float_batch(), sources={0: float_batch(batch=2)})
+
+
+# --- sweeps ----------------------------------------------------------------------------------
+
+
+def small_model(flavour):
+    keras, layers = flavour.keras, flavour.layers
+    inputs = keras.Input((4, 3))
+    lstm = layers.LSTM(3, return_sequences=True, name="lstm")
+    model = keras.Model(inputs, layers.Dense(2, name="head")(lstm(inputs)))
+    return model, lstm
+
+
+def test_unit_importance_against_the_reference(flavour):
+    from lstm_rewrite.interventions import logit_difference_metric, unit_importance
+
+    model, lstm = small_model(flavour)
+    x = float_batch(batch=5, time=4, features=3)
+    metric = logit_difference_metric(0, 1, step=None)
+    result = unit_importance(model, x, metric, "lstm.c", value="zero", steps="1:")
+    assert result.dims == ("unit",) and result.passes == 4 and result.values.shape == (3,)
+
+    def reference_metric(interventions):
+        out = dense_of(model, "head", reference_lstm(lstm, x, flavour.name, interventions=interventions)["output"])
+        return float((out[..., 0] - out[..., 1]).mean())
+
+    assert result.baseline == pytest.approx(reference_metric([]), abs=1e-5)
+    for u in range(3):
+        want = reference_metric([{"quantity": "c", "units": [u], "steps": steps_from(5, 4, 1), "kind": "ablate",
+                                  "value": 0.0}])
+        assert result.values[u] == pytest.approx(want, abs=1e-5)
+
+
+def test_patch_sweep_against_the_reference(flavour):
+    from lstm_rewrite.interventions import logit_difference_metric, patch_sweep
+
+    model, lstm = small_model(flavour)
+    clean, corrupt = float_batch(batch=3, time=4, features=3), float_batch(batch=3, time=4, features=3, seed=9)
+    metric = logit_difference_metric(0, 1, step=-1)
+    result = patch_sweep(model, clean, corrupt, metric, "lstm.h", max_rows=16)
+    assert result.dims == ("unit", "step") and result.values.shape == (3, 4)
+    source_h = reference_lstm(lstm, corrupt, flavour.name)["h"]
+    for u, t in [(0, 0), (1, 3), (2, 2)]:
+        out = dense_of(model, "head", reference_lstm(lstm, clean, flavour.name, interventions=[
+            {"quantity": "h", "units": [u], "steps": steps_at(3, 4, t), "kind": "patch",
+             "source": source_h[:, :, [u]]}])["output"])
+        assert result.values[u, t] == pytest.approx(float((out[:, -1, 0] - out[:, -1, 1]).mean()), abs=1e-5)
