@@ -925,3 +925,141 @@ def logit_difference_metric(correct: int, wrong: int, output: int = 0, step: int
         return float((scores[..., correct] - scores[..., wrong]).mean())
 
     return metric
+
+
+def output_change_metric(reference_outputs, output: int = 0) -> Callable:
+    """``metric(outputs, targets)``: mean |outputs[output] - reference_outputs[output]| (how much an
+    intervention moves the model's output; 0 for the unedited model)."""
+    reference = _output(reference_outputs, output)
+
+    def metric(outputs, targets=None):
+        return float(np.abs(_output(outputs, output) - reference).mean())
+
+    return metric
+
+
+def ablate_unit_sets(model, data, metric: Callable, target: str, unit_sets: Sequence[Sequence[int]], *,
+                     value="mean", steps=None, targets=None, mean_data=None, max_rows: int = 4096) -> np.ndarray:
+    """The metric with each set of units ablated together (one batched run for every set), and the
+    unablated baseline first: ``[baseline, set 0, set 1, ...]``.
+
+    Example:
+        >>> baseline, tracking, *random = ablate_unit_sets(model, x, metric, "lstm.c", [[11], [3], [7]])
+    """
+    arrays = _as_list(data)
+    edited = intervene(model, [Ablate(target, units="mask", steps=steps, value=value)], verify=False,
+                       data=(data if mean_data is None else mean_data) if isinstance(value, str) and value == "mean"
+                       else None)
+    entry, _ = _record_of(edited).targets[0]
+    units, count, time = entry.units, arrays[0].shape[0], arrays[0].shape[1]
+
+    def channels(chosen):
+        masks = np.zeros((len(chosen), count, time, units), "float32")
+        for j, v in enumerate(chosen):
+            if v > 0:
+                masks[j, :, :, list(unit_sets[v - 1])] = 1.0
+        return {"edit0.units": masks}
+
+    return _run_variants(edited, arrays, channels, len(unit_sets) + 1, targets, metric, max_rows)
+
+
+def causal_section(model, data, report, metric: Callable, *, targets=None, draws: int = 5, seed: int = 0,
+                   value: str = "mean") -> dict:
+    """The audit's causal section: per recurrent layer, each unit's ablation effect on ``metric``;
+    per label, ablating the units that track it against ablating random units of the same count.
+
+    The tracking units of a label are the layer's units whose state (c for an LSTM, h otherwise)
+    correlates with it at ``|r| >= thresholds.strong_correlation``, or the best one if none does;
+    ``draws`` random sets of as many other units give the spread.
+
+    Returns:
+        ``{site: {"target", "baseline", "unit_effect": [...], "labels": {label: {"units",
+        "effect", "random_effects": [...], "random_mean", "random_std"}}}}`` (JSON-ready).
+    """
+    sites = edit_sites(model)
+    generator = np.random.default_rng(seed)
+    section = {}
+    for prefix, layer in report.layers.items():
+        entry = sites.get(prefix)
+        if entry is None or entry.kind not in EDITABLE:
+            continue
+        quantity = "c" if entry.kind == "lstm" else "h"
+        target = f"{prefix}.{quantity}"
+        importance = unit_importance(model, data, metric, target, value=value, targets=targets)
+        found = {"target": target, "baseline": importance.baseline, "passes": importance.passes,
+                 "unit_effect": [float(v) for v in importance.effect], "labels": {}}
+        for label, per_quantity in layer.label_correlation.items():
+            r = np.asarray(per_quantity.get(quantity, []), dtype=float)
+            if r.size == 0 or np.all(np.isnan(r)):
+                continue
+            strong = [int(u) for u in np.flatnonzero(np.abs(np.nan_to_num(r)) >= report.thresholds.strong_correlation)]
+            chosen = strong or [int(np.nanargmax(np.abs(r)))]
+            others = [u for u in range(entry.units) if u not in chosen]
+            if len(others) < len(chosen):
+                continue
+            random_sets = [sorted(generator.choice(others, size=len(chosen), replace=False).tolist())
+                           for _ in range(draws)]
+            values = ablate_unit_sets(model, data, metric, target, [chosen] + random_sets, value=value,
+                                      targets=targets)
+            effects = values[1:] - values[0]
+            found["labels"][label] = {
+                "units": chosen, "r": [float(r[u]) for u in chosen], "effect": float(effects[0]),
+                "random_units": random_sets, "random_effects": [float(v) for v in effects[1:]],
+                "random_mean": float(np.mean(effects[1:])), "random_std": float(np.std(effects[1:])),
+            }
+        section[prefix] = found
+    return section
+
+
+def causal_summary(section: dict) -> list:
+    """One line per layer and label of a causal section."""
+    lines = []
+    for prefix, found in section.items():
+        effects = np.asarray(found["unit_effect"])
+        worst = int(np.argmax(np.abs(effects))) if effects.size else None
+        if worst is not None:
+            lines.append(f"Causal {found['target']}: ablating one unit (mean) moves the metric by at most "
+                         f"{effects[worst]:+.3f} (unit {worst}); baseline {found['baseline']:.3f}.")
+        for label, row in found["labels"].items():
+            lines.append(f"Causal {label!r}: ablating {found['target']}{row['units']} moves the metric by "
+                         f"{row['effect']:+.3f}; {len(row['random_effects'])} random sets of {len(row['units'])} "
+                         f"unit(s): {row['random_mean']:+.3f} +/- {row['random_std']:.3f}.")
+    return lines
+
+
+def causal_figure(section: dict, path: str, label: str | None = None) -> str | None:
+    """Write a PNG of a causal section: per layer, each unit's ablation effect, and per label the
+    tracking units' effect against the random draws. Returns the path (None for an empty section)."""
+    if not section:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(section.items())
+    figure, axes = plt.subplots(len(rows), 2, figsize=(10, 3.2 * len(rows)), squeeze=False)
+    for (prefix, found), (left, right) in zip(rows, axes):
+        effects = np.asarray(found["unit_effect"])
+        left.bar(np.arange(effects.size), effects, color="#4477aa")
+        left.axhline(0, color="black", linewidth=0.5)
+        left.set_title(f"{found['target']}: ablating one unit (mean)")
+        left.set_xlabel("unit")
+        left.set_ylabel("metric change")
+        labels = [lab for lab in found["labels"] if label is None or lab == label]
+        for k, name in enumerate(labels):
+            row = found["labels"][name]
+            right.bar([2 * k], [row["effect"]], color="#cc6677", label=f"{name}: units {row['units']}")
+            right.scatter([2 * k + 1] * len(row["random_effects"]), row["random_effects"], color="#999999",
+                          label="random units, same count" if k == 0 else None)
+            right.errorbar([2 * k + 1], [row["random_mean"]], yerr=[row["random_std"]], color="black", capsize=4)
+        right.axhline(0, color="black", linewidth=0.5)
+        right.set_xticks([2 * k + j for k in range(len(labels)) for j in (0, 1)],
+                         [t for name in labels for t in (f"{name} units", "random")])
+        right.set_title("tracking units against random units")
+        if labels:
+            right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

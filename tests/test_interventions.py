@@ -414,3 +414,85 @@ def test_patch_sweep_against_the_reference(flavour):
             {"quantity": "h", "units": [u], "steps": steps_at(3, 4, t), "kind": "patch",
              "source": source_h[:, :, [u]]}])["output"])
         assert result.values[u, t] == pytest.approx(float((out[:, -1, 0] - out[:, -1, 1]).mean()), abs=1e-5)
+
+
+# --- the audit's causal section and the command line -----------------------------------------
+
+
+def softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def reference_demo(model, x, flavour_name, interventions=()):
+    """The demo model (Embedding, masked LSTM, softmax Dense) in NumPy."""
+    embedded = model.get_layer("embed").get_weights()[0][x]
+    states = reference_lstm(model.get_layer("lstm"), embedded, flavour_name, mask=x != 0,
+                            interventions=list(interventions))
+    w, b = model.get_layer("next_char").get_weights()
+    return softmax(states["output"] @ w + b), states
+
+
+def test_cli_intervene_on_the_demo_model(capsys, tmp_path):
+    from lstm_rewrite.cli import main
+    from lstm_rewrite.demo import demo_data, demo_model_path, load_demo_model
+
+    x = demo_data()[0][:12]
+    np.save(tmp_path / "x.npy", x)
+    code = main(["intervene", str(demo_model_path()), "--data", str(tmp_path / "x.npy"),
+                 "--ablate", "lstm.c:11,3-4@20:", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["interventions"][0]["units"] == [3, 4, 11]
+    model = load_demo_model("keras3")
+    plain, _ = reference_demo(model, x, "keras3")
+    edited, _ = reference_demo(model, x, "keras3", [
+        {"quantity": "c", "units": [3, 4, 11], "steps": steps_from(*x.shape, 20), "kind": "ablate", "value": 0.0}])
+    row = result["outputs"][0]
+    assert row["output"] == "next_char"
+    assert row["mean_abs_change"] == pytest.approx(float(np.abs(edited - plain).mean()), rel=1e-3, abs=1e-6)
+    assert main(["intervene", str(demo_model_path()), "--data", str(tmp_path / "x.npy"), "--ablate", "lstm.c:x"]) == 2
+    assert "TARGET[:UNITS][@STEPS]" in capsys.readouterr().err
+
+
+def test_audit_causal_section(flavour):
+    from lstm_rewrite import audit
+    from lstm_rewrite.demo import demo_data, load_demo_model, next_char_targets
+    from lstm_rewrite.interventions import accuracy_metric
+
+    model = load_demo_model(flavour.name)
+    x, depth, _ = demo_data()
+    x, depth = x[:40], depth[:40]
+    plain = audit(model, x, labels={"depth": depth}, progress=False)
+    assert plain.causal is None and "causal" not in plain.to_dict()
+    targets = next_char_targets(x, depth)
+    report = audit(model, x, labels={"depth": depth}, progress=False, causal=True, metric=accuracy_metric(),
+                   targets=targets, causal_draws=3)
+    section = report.causal["lstm"]
+    assert section["target"] == "lstm.c" and len(section["unit_effect"]) == 16 and section["passes"] == 17
+    row = section["labels"]["depth"]
+    assert report.best_tracking("depth").unit in row["units"]
+    assert len(row["random_effects"]) == 3
+    assert all(len(s) == len(row["units"]) and not set(s) & set(row["units"]) for s in row["random_units"])
+    # The tracking units' effect, recomputed with the reference (mean ablation over the valid steps).
+    probs, states = reference_demo(model, x, flavour.name)
+    valid = (x != 0)
+    mean = states["c"][valid].mean(axis=0)
+    edited, _ = reference_demo(model, x, flavour.name, [
+        {"quantity": "c", "units": row["units"], "steps": np.ones(x.shape, bool), "kind": "ablate",
+         "value": mean[row["units"]]}])
+    keep = targets >= 0
+    effect = (edited.argmax(-1) == targets)[keep].mean() - (probs.argmax(-1) == targets)[keep].mean()
+    assert row["effect"] == pytest.approx(float(effect), abs=1e-6)
+    assert "Causal 'depth'" in report.summary()
+    json.dumps(report.to_dict(), allow_nan=False)
+
+
+def test_cli_audit_causal_on_the_demo(capsys, tmp_path):
+    from lstm_rewrite.cli import main
+
+    assert main(["audit", "--causal", "--quiet", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "Causal 'depth': ablating lstm.c[" in out and "next-character accuracy" in out
+    assert (tmp_path / "demo" / "causal.png").stat().st_size > 0
+    assert "causal" in json.loads((tmp_path / "demo" / "report.json").read_text())
