@@ -598,13 +598,32 @@ def _state_runner(model, targets: Sequence[str], expose_masks=False):
     return run
 
 
+def _compiled(model):
+    """``model(inputs, training=False)`` as one compiled TensorFlow function (any batch and length), or
+    the model itself on a backend without TensorFlow. Cached on the model."""
+    fn = getattr(model, "_lstm_rewrite_compiled", None)
+    if fn is not None:
+        return fn
+    try:
+        import tensorflow as tf
+    except ImportError:  # Keras 3 on another backend
+        return lambda batch: model(batch, training=False)
+    fn = tf.function(lambda batch: model(batch, training=False), reduce_retracing=True)
+    try:
+        object.__setattr__(model, "_lstm_rewrite_compiled", fn)
+    except Exception:  # noqa: BLE001 - a model that refuses new attributes: just do not cache
+        pass
+    return fn
+
+
 def _predict(model, arrays: list, batch_size: int) -> list:
-    """Run ``model`` on ``arrays`` in batches (direct calls: no predict() per batch); NumPy outputs."""
+    """Run ``model`` on ``arrays`` in batches (one compiled call per batch, no predict()); NumPy outputs."""
     count = arrays[0].shape[0]
     chunks = []
+    run = _compiled(model)
     for start in range(0, count, batch_size):
         batch = [a[start:start + batch_size] for a in arrays]
-        out = model(batch if len(batch) > 1 else batch[0], training=False)
+        out = run(batch if len(batch) > 1 else batch[0])
         out = out if isinstance(out, (list, tuple)) else [out]
         chunks.append([np.asarray(o) for o in out])
     return [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]

@@ -355,7 +355,8 @@ def test_intervened_model_saves_and_loads_with_its_edits(flavour, tmp_path):
     (Ablate("lstm.c", steps=-1), r"'lstm.c'.*negative step"),
     (Add("lstm.c", units=[0, 1], direction=[1.0, 2.0, 3.0]), r"direction= of the intervention on 'lstm.c'"),
     (Ablate("lstm.c", value="median"), r"Ablate on 'lstm.c' takes value='zero', 'mean'"),
-])
+], ids=["unknown site", "unknown quantity", "units out of range", "steps out of range", "negative step",
+        "direction of another length", "unknown ablate value"])
 def test_bad_interventions_name_the_site_and_the_fix(flavour, intervention, match):
     model, _ = lstm_model(flavour)
     with pytest.raises(InvalidArgumentError, match=match):
@@ -496,3 +497,23 @@ def test_cli_audit_causal_on_the_demo(capsys, tmp_path):
     assert "Causal 'depth': ablating lstm.c[" in out and "next-character accuracy" in out
     assert (tmp_path / "demo" / "causal.png").stat().st_size > 0
     assert "causal" in json.loads((tmp_path / "demo" / "report.json").read_text())
+
+
+def test_interventions_on_layers_that_take_none(flavour):
+    from lstm_rewrite import UnsupportedLayerError
+
+    keras, layers = flavour.keras, flavour.layers
+    inputs = keras.Input((T, 4))
+    stack = layers.RNN(layers.StackedRNNCells([layers.LSTMCell(3), layers.LSTMCell(2)]), name="stack")
+    model = keras.Model(inputs, stack(inputs))
+    with pytest.raises(UnsupportedLayerError, match=r"Layer 'stack' .* takes no interventions"):
+        intervene(model, [Ablate("stack.c")], verify=False)
+
+
+def test_call_time_mask_of_another_shape(flavour):
+    model, _ = lstm_model(flavour)
+    edited = intervene(model, [Ablate("lstm.c", steps="mask")], verify=False)
+    with pytest.raises(InvalidArgumentError, match=r"'edit0.steps' of the intervention on 'lstm.c' must have shape"):
+        intervened_inputs(edited, float_batch(), masks={0: np.ones((3, T + 1))})
+    with pytest.raises(InvalidArgumentError, match=r"masks=\{'edit0.steps': array\}"):
+        intervened_inputs(edited, float_batch())
