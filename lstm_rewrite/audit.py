@@ -737,6 +737,8 @@ class AuditReport:
     # display strings, one per input step (None without token input), and its labels per input step.
     sample_tokens: list[list[str]] | None = field(default=None, repr=False)
     sample_labels: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    # audit(..., causal=True): see lstm_rewrite.interventions.causal_section (None without it).
+    causal: dict | None = None
 
     def best_tracking(self, label: str | None = None) -> TrackingUnit | None:
         """The unit of any layer that tracks ``label`` best (the only label when ``None``).
@@ -770,6 +772,7 @@ class AuditReport:
             },
             "layers": {prefix: layer.to_dict() for prefix, layer in self.layers.items()},
             "summary": self.summary(),
+            **({} if self.causal is None else {"causal": self.causal}),
         }
 
     def to_json(self, path: str | os.PathLike) -> str:
@@ -832,6 +835,10 @@ class AuditReport:
                 continue
             strength = "strongly" if abs(best.r) >= t.strong_correlation else "weakly"
             lines.append(f"Label {label!r} is {strength} tracked by {best.name}: Pearson r = {best.r:+.3f}.")
+        if self.causal is not None:
+            from .interventions import causal_summary
+
+            lines += causal_summary(self.causal)
         return "\n".join(lines)
 
 
@@ -985,6 +992,10 @@ def audit(
     progress: bool = True,
     tokens=None,
     vocab: Mapping[int, str] | list[str] | None = None,
+    causal: bool = False,
+    metric=None,
+    targets=None,
+    causal_draws: int = 5,
 ) -> AuditReport:
     """Run ``model`` over ``data`` once and audit every recurrent unit (see the module docstring).
 
@@ -1007,6 +1018,14 @@ def audit(
             an ``Embedding``). Only the explorer's sample is read from it.
         vocab: id -> token text (a dict, or a list indexed by id), as for ``export_lstmvis``;
             without it the text shows the ids.
+        causal: also intervene (opt-in; costs units + 1 batched passes per layer and one per
+            label): each unit's mean-ablation effect on ``metric``, and for the units tracking a
+            label, their ablation against ``causal_draws`` random sets of as many units
+            (`lstm_rewrite.interventions.causal_section`). Needs the original model and array data.
+        metric: ``metric(outputs, targets) -> float`` for the causal section; by default how much
+            the first output moves (`lstm_rewrite.interventions.output_change_metric`).
+        targets: passed to ``metric``.
+        causal_draws: random unit sets per label.
 
     Returns:
         AuditReport: ``.summary()``, ``.to_json(path)``, ``.to_html(out_dir)``.
@@ -1041,6 +1060,16 @@ def audit(
     report = audit_batches(batches, labels=labels, thresholds=thresholds, layer_classes=classes,
                            orientations=orientations)
     report.sample_tokens = _sample_tokens(data if tokens is None else tokens, vocab, explicit=tokens is not None)
+    if causal:
+        if record_of(model) is not None:
+            raise InvalidArgumentError(
+                f"audit(..., causal=True) intervenes on the original model, and {model.name!r} is already traced. "
+                f"Pass the model you traced it from. Received: a traced model")
+        from .interventions import _as_list, _predict, causal_section, output_change_metric
+
+        if metric is None:
+            metric = output_change_metric(_predict(model, _as_list(data), max(batch_size, 64)))
+        report.causal = causal_section(model, data, report, metric, targets=targets, draws=causal_draws)
     return report
 
 

@@ -393,6 +393,10 @@ def _note_synthesized(out_dir: str, note: str) -> None:
 
 def cmd_audit(args) -> int:
     if args.beam:
+        if args.causal:
+            # The causal section reruns the model with edits per unit: not a mergeable statistic.
+            raise InvalidArgumentError("--causal runs on one machine: drop --beam, or audit a sample of the "
+                                       "corpus with --causal. Received: --beam --causal")
         return _audit_on_beam(args)
     from .audit import audit
 
@@ -424,8 +428,19 @@ def cmd_audit(args) -> int:
             source = f"{args.model} on synthesized inputs"
             if labels is not None:
                 raise InvalidArgumentError("--labels needs --data: labels must describe the audited sequences.")
+    causal = {}
+    if args.causal:
+        if args.model is None:
+            # The demo's question: does the model use its depth unit to predict the next character
+            # where the brackets are deeply nested?
+            from .demo import next_char_targets
+            from .interventions import accuracy_metric
+
+            causal = {"causal": True, "metric": accuracy_metric(), "targets": next_char_targets(data, depth)}
+        else:
+            causal = {"causal": True}
     report = audit(model, data, labels=labels, batch_size=args.batch_size, progress=not args.quiet,
-                   vocab=vocab)
+                   vocab=vocab, **causal)
     out_dir = args.out
     existed = os.path.isdir(out_dir)
     try:
@@ -440,6 +455,13 @@ def cmd_audit(args) -> int:
     if note:
         print(f"Note: {note}")
     print(report.summary())
+    if report.causal:
+        from .interventions import causal_figure
+
+        metric = ("next-character accuracy on steps nested at depth >= 3" if args.model is None
+                  else "mean |change| of the first output")
+        figure = causal_figure(report.causal, os.path.join(out_dir, "causal.png"))
+        print(f"Causal metric: {metric}. Figure: {pathlib.Path(figure).resolve().as_uri()}")
     print(f"Report: {pathlib.Path(page).resolve().as_uri()} (and report.json, figures in {out_dir})")
     return EXIT_OK
 
@@ -496,6 +518,74 @@ def _audit_on_beam(args) -> int:
     print(f"Audit of {args.model} on {args.data} (Beam).")
     print(report.summary())
     print(f"Report: {pathlib.Path(page).resolve().as_uri()} (and report.json, figures in {out_dir})")
+    return EXIT_OK
+
+
+def parse_edit(spec: str, flag: str = "--ablate") -> tuple[str, Any, Any]:
+    """``TARGET[:UNITS][@STEPS]`` (``lstm.c:11@20:``, ``bi.backward.h:0,3-5@2:8``) -> (target, units, steps)."""
+    left, _, steps = spec.partition("@")
+    target, _, units = left.partition(":")
+    chosen = None
+    if units:
+        chosen = []
+        try:
+            for part in units.split(","):
+                low, dash, high = part.partition("-")
+                chosen += list(range(int(low), int(high) + 1)) if dash else [int(low)]
+        except ValueError:
+            raise InvalidArgumentError(
+                f"{flag} takes TARGET[:UNITS][@STEPS], e.g. lstm.c:11@20: or lstm.c:0,3-5@2:8; the units are "
+                f"indices and ranges. Received: {flag} {spec}") from None
+    return target, chosen, (steps or None)
+
+
+def cmd_intervene(args) -> int:
+    import numpy as np
+
+    from .interventions import Ablate, Clamp, Scale, run_intervened
+
+    model = _load(args.model, args.unsafe)
+    data = read_data(args.data, _input_names(model))
+    value = args.value
+    if value not in ("zero", "mean"):
+        try:
+            value = float(value)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"--value takes zero, mean or a number. Received: --value {args.value}") from None
+    interventions = [Ablate(*parse_edit(spec), value=value) for spec in args.ablate or []]
+    interventions += [Scale(*parse_edit(spec.rpartition("=")[0], "--scale"), factor=float(spec.rpartition("=")[2]))
+                      for spec in args.scale or []]
+    interventions += [Clamp(*parse_edit(spec.rpartition("=")[0], "--clamp"),
+                            low=-abs(float(spec.rpartition("=")[2])), high=abs(float(spec.rpartition("=")[2])))
+                      for spec in args.clamp or []]
+    if not interventions:
+        raise InvalidArgumentError("intervene needs at least one --ablate, --scale or --clamp. Received: none")
+    from .interventions import _as_list, _predict, intervene
+
+    arrays = [data[name] for name in _input_names(model)] if isinstance(data, dict) else data
+    edited = intervene(model, interventions, data=arrays if value == "mean" else None)
+    before = _predict(model, _as_list(arrays), args.batch_size)
+    after = run_intervened(edited, arrays, batch_size=args.batch_size)
+    names = edited.intervention_record.original_output_names
+    rows = [{"output": n, "mean_abs_change": float(np.abs(a - b).mean()), "max_abs_change": float(np.abs(a - b).max()),
+             "argmax_changed": float((a.argmax(-1) != b.argmax(-1)).mean()) if a.ndim > 1 and a.shape[-1] > 1 else None}
+            for n, a, b in zip(names, after, before)]
+    result = {"interventions": [i.to_dict() for i in interventions], "outputs": rows}
+    if args.output:
+        edited.save(args.output)
+        result["saved"] = args.output
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        for item in interventions:
+            print(f"Intervention: {json.dumps(item.to_dict())}")
+        for row in rows:
+            changed = "" if row["argmax_changed"] is None else f", top prediction changed on {row['argmax_changed']:.1%}"
+            print(f"{row['output']}: mean |change| {row['mean_abs_change']:.4g}, max {row['max_abs_change']:.4g}"
+                  f"{changed} of steps")
+        if args.output:
+            print(f"Intervened model: {args.output}")
     return EXIT_OK
 
 
@@ -576,7 +666,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --beam and TFRecord data: JSON name -> {dtype, shape} of the features to read")
     p.add_argument("--label-keys", metavar="LIST",
                    help="with --beam: per-step label arrays stored in each shard (npz keys or TFRecord features)")
+    p.add_argument("--causal", action="store_true",
+                   help="also ablate each unit (and the units tracking each label, against random units) and "
+                        "report the effect; writes causal.png")
     p.set_defaults(run=cmd_audit)
+
+    p = sub.add_parser("intervene", help="run the model with units edited inside the recurrence; print the effect")
+    common(p)
+    p.add_argument("--data", required=True, metavar="FILE", help=".npy (one input) or .npz")
+    p.add_argument("--ablate", action="append", metavar="TARGET[:UNITS][@STEPS]",
+                   help="e.g. lstm.c:11@20: (c[11] of layer lstm from input step 20 on); repeatable")
+    p.add_argument("--value", default="zero", help="what --ablate sets: zero (default), mean (over --data) or a number")
+    p.add_argument("--scale", action="append", metavar="TARGET[:UNITS][@STEPS]=FACTOR", help="multiply; repeatable")
+    p.add_argument("--clamp", action="append", metavar="TARGET[:UNITS][@STEPS]=BOUND", help="clip to [-B, B]; repeatable")
+    p.add_argument("-o", "--output", metavar="OUT", help="also write the intervened model (.keras)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(run=cmd_intervene)
     return parser
 
 
