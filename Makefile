@@ -17,9 +17,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-# The main job: audit the bundled bracket-counting LSTM against nesting depth.
+# The main job: audit the bundled bracket-counting LSTM against nesting depth, and ask whether the
+# model uses its depth unit (ablating it against ablating random units, causal.png).
 demo: setup
-	$(VENV)/bin/lstm-rewrite audit --out out/demo
+	$(VENV)/bin/lstm-rewrite audit --causal --out out/demo
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile

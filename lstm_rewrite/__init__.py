@@ -33,6 +33,15 @@ _LAZY = {
     "iter_state_batches": "capture",
     "load_model": "loading",
     "export_lstmvis": "lstmvis",
+    "intervene": "interventions",
+    "Ablate": "interventions",
+    "Clamp": "interventions",
+    "Scale": "interventions",
+    "Add": "interventions",
+    "Patch": "interventions",
+    "run_intervened": "interventions",
+    "unit_importance": "interventions",
+    "patch_sweep": "interventions",
 }
 
 

@@ -314,13 +314,25 @@ class StreamingHistogram:
         limit = self.limits[column] or 1.0
         return np.linspace(-limit, limit, self.bins + 1)
 
+    def _limit_above(self, values: np.ndarray) -> np.ndarray:
+        # Strictly above the largest |value|: a value equal to the limit would be clipped into the
+        # top bin, and after a doubling it would sit one bin below where a wider first range puts
+        # it. With every value strictly inside, the counts do not depend on how the data were
+        # split into batches or shards, and merges are exact.
+        return 2.0 ** (np.floor(np.log2(np.maximum(values, self._SMALLEST))) + 1.0)
+
     def _grow_to(self, needed: np.ndarray) -> None:
+        """Widen each column so that it holds |values| up to ``needed`` strictly inside."""
         fresh = self.limits == 0
-        self.limits[fresh] = 2.0 ** np.ceil(np.log2(np.maximum(needed[fresh], self._SMALLEST)))
+        self.limits[fresh] = self._limit_above(needed[fresh])
+        self._widen(np.maximum(self.limits, self._limit_above(needed)))
+
+    def _widen(self, target: np.ndarray) -> None:
+        """Double each column's limit (a power of two) until it reaches ``target`` (powers of two)."""
         quarter = self.bins // 4
-        for column in np.flatnonzero(self.limits < needed):
+        for column in np.flatnonzero(self.limits < target):
             counts = self.counts[column]
-            while self.limits[column] < needed[column]:
+            while self.limits[column] < target[column]:
                 merged = counts[0::2] + counts[1::2]  # [bins / 2]
                 counts = np.zeros_like(counts)
                 counts[quarter : quarter + self.bins // 2] = merged
@@ -348,8 +360,8 @@ class StreamingHistogram:
         self.limits = np.where(self.limits == 0, other.limits, self.limits)
         other.limits = np.where(other.limits == 0, self.limits, other.limits)
         target = np.maximum(self.limits, other.limits)
-        self._grow_to(target)
-        other._grow_to(target)
+        self._widen(target)
+        other._widen(target)
         self.counts += other.counts
         return self
 
@@ -374,6 +386,11 @@ def _split_name(name: str) -> tuple[str, str]:
             f"'encoder.c'. Received: {name!r}"
         )
     return prefix, quantity
+
+
+def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+    """``array`` with zero rows appended up to ``rows`` (per-step-index sums of a longer side)."""
+    return np.concatenate([array, np.zeros((rows - array.shape[0], *array.shape[1:]), array.dtype)])
 
 
 class _LayerAccumulator:
@@ -468,6 +485,32 @@ class _LayerAccumulator:
                 "steps": np.flatnonzero(keep),  # input-time index of each kept (valid) step
             })
             row += 1
+
+    def merge(self, other: "_LayerAccumulator") -> "_LayerAccumulator":
+        """Fold ``other`` (the same layer, audited over other sequences) into this one, in place.
+
+        Counts and sums add, moments and co-moments merge with Chan's update and histograms on
+        power-of-two ranges, so any split of the sequences gives the same statistics up to
+        rounding. Kept samples are this side's, then ``other``'s: merge in sequence order to keep
+        the leading sequences (``lstm_rewrite.beam`` keeps its own, ordered by example key).
+        """
+        for quantity, moments in other.moments.items():
+            self.moments.setdefault(quantity, RunningMoments(self.units)).merge(moments)
+        for quantity, hist in other.hist.items():
+            self.hist.setdefault(quantity, StreamingHistogram(self.units, hist.bins)).merge(hist)
+        for quantity in other.high:
+            self.high[quantity] = self.high.get(quantity, 0) + other.high[quantity]
+            self.low[quantity] = self.low.get(quantity, 0) + other.low[quantity]
+        self.tanh_sat = self.tanh_sat + other.tanh_sat
+        self.max_abs_h = np.maximum(self.max_abs_h, other.max_abs_h)
+        longest = max(self.step_count.shape[0], other.step_count.shape[0])
+        self.abs_c_sum = _pad_rows(self.abs_c_sum, longest) + _pad_rows(other.abs_c_sum, longest)
+        self.step_count = _pad_rows(self.step_count, longest) + _pad_rows(other.step_count, longest)
+        for name, per_quantity in other.corr.items():
+            for quantity, co in per_quantity.items():
+                self.corr.setdefault(name, {}).setdefault(quantity, RunningCoMoments(self.units)).merge(co)
+        self.samples.extend(other.samples[:max(0, self.n_samples - len(self.samples))])
+        return self
 
     def finish(self) -> "LayerAudit":
         t = self.t
@@ -694,6 +737,8 @@ class AuditReport:
     # display strings, one per input step (None without token input), and its labels per input step.
     sample_tokens: list[list[str]] | None = field(default=None, repr=False)
     sample_labels: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    # audit(..., causal=True): see lstm_rewrite.interventions.causal_section (None without it).
+    causal: dict | None = None
 
     def best_tracking(self, label: str | None = None) -> TrackingUnit | None:
         """The unit of any layer that tracks ``label`` best (the only label when ``None``).
@@ -727,6 +772,7 @@ class AuditReport:
             },
             "layers": {prefix: layer.to_dict() for prefix, layer in self.layers.items()},
             "summary": self.summary(),
+            **({} if self.causal is None else {"causal": self.causal}),
         }
 
     def to_json(self, path: str | os.PathLike) -> str:
@@ -789,6 +835,10 @@ class AuditReport:
                 continue
             strength = "strongly" if abs(best.r) >= t.strong_correlation else "weakly"
             lines.append(f"Label {label!r} is {strength} tracked by {best.name}: Pearson r = {best.r:+.3f}.")
+        if self.causal is not None:
+            from .interventions import causal_summary
+
+            lines += causal_summary(self.causal)
         return "\n".join(lines)
 
 
@@ -942,6 +992,10 @@ def audit(
     progress: bool = True,
     tokens=None,
     vocab: Mapping[int, str] | list[str] | None = None,
+    causal: bool = False,
+    metric=None,
+    targets=None,
+    causal_draws: int = 5,
 ) -> AuditReport:
     """Run ``model`` over ``data`` once and audit every recurrent unit (see the module docstring).
 
@@ -964,6 +1018,14 @@ def audit(
             an ``Embedding``). Only the explorer's sample is read from it.
         vocab: id -> token text (a dict, or a list indexed by id), as for ``export_lstmvis``;
             without it the text shows the ids.
+        causal: also intervene (opt-in; costs units + 1 batched passes per layer and one per
+            label): each unit's mean-ablation effect on ``metric``, and for the units tracking a
+            label, their ablation against ``causal_draws`` random sets of as many units
+            (`lstm_rewrite.interventions.causal_section`). Needs the original model and array data.
+        metric: ``metric(outputs, targets) -> float`` for the causal section; by default how much
+            the first output moves (`lstm_rewrite.interventions.output_change_metric`).
+        targets: passed to ``metric``.
+        causal_draws: random unit sets per label.
 
     Returns:
         AuditReport: ``.summary()``, ``.to_json(path)``, ``.to_html(out_dir)``.
@@ -998,6 +1060,16 @@ def audit(
     report = audit_batches(batches, labels=labels, thresholds=thresholds, layer_classes=classes,
                            orientations=orientations)
     report.sample_tokens = _sample_tokens(data if tokens is None else tokens, vocab, explicit=tokens is not None)
+    if causal:
+        if record_of(model) is not None:
+            raise InvalidArgumentError(
+                f"audit(..., causal=True) intervenes on the original model, and {model.name!r} is already traced. "
+                f"Pass the model you traced it from. Received: a traced model")
+        from .interventions import _as_list, _predict, causal_section, output_change_metric
+
+        if metric is None:
+            metric = output_change_metric(_predict(model, _as_list(data), max(batch_size, 64)))
+        report.causal = causal_section(model, data, report, metric, targets=targets, draws=causal_draws)
     return report
 
 

@@ -599,6 +599,17 @@ class CellStates(Mapping):
                 f"{path!r} is an HDF5 file but not a states file written by lstm_rewrite (no "
                 f"format={FILE_FORMAT!r} attribute). Write one with `cell_states(..., out=...)`."
             )
+        # An index written by lstm_rewrite.beam reads its shards through virtual datasets, which
+        # would silently read zeros for a shard that is missing.
+        shards = json.loads(handle.attrs.get("shards", "[]"))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(os.path.dirname(path), s))]
+        if missing:
+            handle.close()
+            raise ModelFileError(
+                f"The states index {path!r} reads {len(shards)} shard file(s) but {len(missing)} are missing "
+                f"beside it, first {missing[0]!r}. Keep (or download) the index together with its shards "
+                f"directory. Received: {path!r}"
+            )
         exposed = json.loads(handle.attrs["exposed"])
         mask_paths = json.loads(handle.attrs["masks"])
         arrays = {name: handle["states"][name] for name in json.loads(handle.attrs["names"])}

@@ -235,6 +235,85 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
     # Keras 3's symbolic tensor (None in tf-keras, whose layers are traced into a real graph).
     symbolic_tensor = getattr(keras, "KerasTensor", None)
 
+    # --- interventions (lstm_rewrite.interventions): edits applied inside the step ------------------
+    # A cell with ``edits`` receives ``concat([x, t, *channels])`` per step: ``t`` is the step's
+    # input-time index (the same for go_backwards and a Bidirectional's backward half, which run over
+    # reversed inputs), ``channels`` the call-time data (per-sample step masks, unit masks, patch
+    # values), whose offsets the edits name. Each edit applies where its quantity is computed.
+
+    def _edited_input_shape(cell, input_shape):
+        if not cell.edits:
+            return input_shape
+        return tuple(input_shape)[:-1] + (int(cell.input_width),)
+
+    def _split_edit_inputs(cell, inputs):
+        if not cell.edits:
+            return inputs, None, None
+        width = int(cell.input_width)
+        return inputs[:, :width], inputs[:, width], inputs[:, width + 1:]  # [batch, F], [batch], [batch, C]
+
+    def _step_editor(cell, t, channels):
+        if not cell.edits:
+            return lambda quantity, value: value
+
+        def edit(quantity, value):
+            for spec in cell.edits:
+                if spec["quantity"] == quantity:
+                    value = _apply_edit(spec, value, t, channels, int(cell.units))
+            return value
+
+        return edit
+
+    def _active_steps(steps, t, channels, dtype):
+        """[batch] float: 1.0 where the edit applies at this step."""
+        if "channel" in steps:
+            return ops.cast(ops.greater(channels[:, int(steps["channel"])], 0.5), dtype)
+        if "at" in steps:
+            on = ops.zeros_like(t)
+            for step in steps["at"]:
+                on = on + ops.cast(ops.equal(t, float(step)), dtype)
+            return ops.cast(ops.greater(on, 0.5), dtype)
+        start, stop, every = int(steps.get("start", 0)), steps.get("stop"), int(steps.get("every", 1))
+        on = ops.cast(ops.greater_equal(t, float(start)), dtype)
+        if stop is not None:
+            on = on * ops.cast(ops.less(t, float(stop)), dtype)
+        if every != 1:
+            on = on * ops.cast(ops.equal(ops.mod(t - float(start), float(every)), 0.0), dtype)
+        return on
+
+    def _apply_edit(spec, value, t, channels, units):
+        dtype = value.dtype
+        on = ops.expand_dims(_active_steps(spec["steps"], ops.cast(t, dtype), channels, dtype), -1)  # [batch, 1]
+        if spec.get("units_channel") is not None:
+            offset = int(spec["units_channel"])
+            chosen = ops.cast(channels[:, offset:offset + units], dtype)  # [batch, units], per sample
+        else:
+            chosen = ops.convert_to_tensor([1.0 if k in set(spec["units"]) else 0.0 for k in range(units)],
+                                           dtype=dtype)  # [units]
+        kind = spec["kind"]
+        if kind == "ablate":
+            new = ops.convert_to_tensor([float(v) for v in spec["value"]], dtype=dtype)  # [units]
+        elif kind == "clamp":
+            low = -3.0e38 if spec.get("low") is None else float(spec["low"])
+            high = 3.0e38 if spec.get("high") is None else float(spec["high"])
+            new = ops.clip(value, low, high)
+        elif kind == "scale":
+            new = value * float(spec["factor"])
+        elif kind == "add":
+            new = value + float(spec["alpha"]) * ops.convert_to_tensor(
+                [float(v) for v in spec["direction"]], dtype=dtype)
+        elif kind == "patch":
+            offset = int(spec["source_channel"])
+            new = ops.cast(channels[:, offset:offset + units], dtype)
+        else:
+            raise ValueError(f"unknown edit kind {kind!r}")
+        return ops.where(ops.greater(on * chosen, 0.5), new, value)
+
+    def _edit_config(cell):
+        if not cell.edits:
+            return {}
+        return {"edits": [dict(e) for e in cell.edits], "input_width": cell.input_width}
+
     class TracedLSTMCell(layers.LSTMCell):
         """The Keras LSTM step, emitting ``concat([h, *extras])`` as its output.
 
@@ -246,27 +325,35 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
         describes the concatenation, which is what shape inference sees.
         """
 
-        def __init__(self, units, extras=(), split_outputs=False, **kwargs):
+        def __init__(self, units, extras=(), split_outputs=False, edits=(), input_width=None, **kwargs):
             super().__init__(units, **kwargs)
             self.extras = tuple(extras)
             self.split_outputs = bool(split_outputs)
+            self.edits = [dict(e) for e in (edits or ())]
+            self.input_width = input_width
             # LSTMCell assigns output_size in __init__; widen it to hold h and every extra.
             self.output_size = self.units * (1 + len(self.extras))
             self.step_output_size = self.units
 
+        def build(self, input_shape):
+            super().build(_edited_input_shape(self, input_shape))
+
         def call(self, inputs, states, training=False):
             h_tm1, c_tm1 = states[0], states[1]
+            inputs, t, channels = _split_edit_inputs(self, inputs)
+            edit = _step_editor(self, t, channels)
             inputs, h_in = dropout_masks(self, inputs, h_tm1, training)
             z = ops.matmul(inputs, self.kernel) + ops.matmul(h_in, self.recurrent_kernel)
             if self.use_bias:
                 z = z + self.bias
             z_i, z_f, z_g, z_o = ops.split(z, 4, axis=-1)  # [batch, units] each
-            i = self.recurrent_activation(z_i)
-            f = self.recurrent_activation(z_f)
-            g = self.activation(z_g)
-            o = self.recurrent_activation(z_o)
-            c = f * c_tm1 + i * g
-            h = o * self.activation(c)
+            # Each edit where its quantity enters the step: gates before they make c, c before h.
+            i = edit("i", self.recurrent_activation(z_i))
+            f = edit("f", self.recurrent_activation(z_f))
+            g = edit("g", self.activation(z_g))
+            o = edit("o", self.recurrent_activation(z_o))
+            c = edit("c", f * c_tm1 + i * g)
+            h = edit("h", o * self.activation(c))
             emitted = {"c": c, "h": h, "i": i, "f": f, "g": g, "o": o}
             parts = [h] + [emitted[q] for q in self.extras]
             if self.split_outputs:
@@ -276,7 +363,8 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
             return ops.concatenate(parts, axis=-1), [h, c]
 
         def get_config(self):
-            return {**super().get_config(), "extras": list(self.extras), "split_outputs": self.split_outputs}
+            return {**super().get_config(), "extras": list(self.extras), "split_outputs": self.split_outputs,
+                    **_edit_config(self)}
 
     class TracedGRUCell(layers.GRUCell):
         """The Keras GRU step (both ``reset_after`` variants), emitting ``concat([h, *extras])``.
@@ -285,14 +373,21 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
         the GRU's own ``[h]``.
         """
 
-        def __init__(self, units, extras=(), **kwargs):
+        def __init__(self, units, extras=(), edits=(), input_width=None, **kwargs):
             super().__init__(units, **kwargs)
             self.extras = tuple(extras)
             self.output_size = self.units * (1 + len(self.extras))
             self.step_output_size = self.units
+            self.edits = [dict(e) for e in (edits or ())]
+            self.input_width = input_width
+
+        def build(self, input_shape):
+            super().build(_edited_input_shape(self, input_shape))
 
         def call(self, inputs, states, training=False):
             h_tm1 = states[0] if isinstance(states, (list, tuple)) else states
+            inputs, t, channels = _split_edit_inputs(self, inputs)
+            edit = _step_editor(self, t, channels)
             inputs, h_in = dropout_masks(self, inputs, h_tm1, training)
             units = self.units
             input_bias = recurrent_bias = None
@@ -311,21 +406,21 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
                 if recurrent_bias is not None:
                     inner = inner + recurrent_bias
                 h_z, h_r, h_n = ops.split(inner, 3, axis=-1)
-                z = self.recurrent_activation(x_z + h_z)
-                r = self.recurrent_activation(x_r + h_r)
-                n = self.activation(x_n + r * h_n)
+                z = edit("z", self.recurrent_activation(x_z + h_z))
+                r = edit("r", self.recurrent_activation(x_r + h_r))
+                n = edit("n", self.activation(x_n + r * h_n))
             else:
                 h_z, h_r = ops.split(ops.matmul(h_in, self.recurrent_kernel[:, : 2 * units]), 2, axis=-1)
-                z = self.recurrent_activation(x_z + h_z)
-                r = self.recurrent_activation(x_r + h_r)
-                n = self.activation(x_n + ops.matmul(r * h_in, self.recurrent_kernel[:, 2 * units:]))
-            h = z * h_tm1 + (1 - z) * n
+                z = edit("z", self.recurrent_activation(x_z + h_z))
+                r = edit("r", self.recurrent_activation(x_r + h_r))
+                n = edit("n", self.activation(x_n + ops.matmul(r * h_in, self.recurrent_kernel[:, 2 * units:])))
+            h = edit("h", z * h_tm1 + (1 - z) * n)
             emitted = {"h": h, "z": z, "r": r, "n": n}
             output = ops.concatenate([h] + [emitted[q] for q in self.extras], axis=-1)
             return output, ([h] if isinstance(states, (list, tuple)) else h)
 
         def get_config(self):
-            return {**super().get_config(), "extras": list(self.extras)}
+            return {**super().get_config(), "extras": list(self.extras), **_edit_config(self)}
 
     class TracedSimpleRNNCell(layers.SimpleRNNCell):
         """The Keras SimpleRNN step, unchanged: its output is its state h, the only quantity it has.
@@ -333,20 +428,29 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
         ``extras`` may hold "h" (a stacked cell emits its h after the stack's output).
         """
 
-        def __init__(self, units, extras=(), **kwargs):
+        def __init__(self, units, extras=(), edits=(), input_width=None, **kwargs):
             super().__init__(units, **kwargs)
             self.extras = tuple(extras)
             self.output_size = self.units * (1 + len(self.extras))
             self.step_output_size = self.units
+            self.edits = [dict(e) for e in (edits or ())]
+            self.input_width = input_width
+
+        def build(self, input_shape):
+            super().build(_edited_input_shape(self, input_shape))
 
         def call(self, inputs, states, training=False):
+            inputs, t, channels = _split_edit_inputs(self, inputs)
             output, new_states = super().call(inputs, states, training=training)
+            if self.edits:
+                output = _step_editor(self, t, channels)("h", output)  # the output is the state h
+                new_states = [output] if isinstance(new_states, (list, tuple)) else output
             if self.extras:
                 output = ops.concatenate([output] * (1 + len(self.extras)), axis=-1)
             return output, new_states
 
         def get_config(self):
-            return {**super().get_config(), "extras": list(self.extras)}
+            return {**super().get_config(), "extras": list(self.extras), **_edit_config(self)}
 
     class TracedConvLSTMCell(conv_lstm_cell):
         """The Keras ConvLSTM step over flat states, emitting ``concat([flat(h), *flat(extras)])``.
@@ -563,10 +667,14 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
             part_shapes=None,
             state_shapes=None,
             state_count=None,
+            edit_channels=None,
             **kwargs,
         ):
             super().__init__(**kwargs)
             self.rnn = rnn
+            # Interventions: the widths of the call-time tensors (``edit_inputs``) the edited cell
+            # reads; None when the cell has no edits (and then its input is not widened).
+            self.edit_channels = None if edit_channels is None else [int(w) for w in edit_channels]
             self.extras = tuple(extras)
             self.exposed = tuple(exposed)
             self.state_index = dict(state_index or {})
@@ -592,6 +700,9 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
         def build(self, input_shape):
             # Build the inner RNN here, not lazily in call: Keras 3 traces call in a stateless scope
             # where a stateful RNN could not create its state variables.
+            if self.edit_channels is not None:
+                # The edited cell reads concat([x, t, *edit channels]) at each step.
+                input_shape = tuple(input_shape)[:-1] + (int(tuple(input_shape)[-1]) + 1 + sum(self.edit_channels),)
             if not self.rnn.built:
                 if shapes_only_active():
                     # The rewrite copies the original weights in right after: skip the initializers.
@@ -652,10 +763,30 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
                 states = tree.pack_sequence_as(_plain_lists(structure), list(states))
             return states
 
+        def _with_edit_channels(self, inputs, edit_inputs):
+            """``concat([x, t, *edit_inputs])``: t is the input-time index of each step (so go_backwards
+            sees it reversed with x), each call-time tensor ``[batch, time]`` or ``[batch, time, n]``."""
+            edit_inputs = list(edit_inputs or [])
+            if len(edit_inputs) != len(self.edit_channels):
+                raise ValueError(
+                    f"Layer {self.name!r} (TracedRNN) runs edits that read {len(self.edit_channels)} call-time "
+                    f"input(s); pass them as edit_inputs=[...]. Received: {len(edit_inputs)}")
+            ones = ops.ones_like(inputs[..., :1])  # [batch, time, 1]
+            steps = ops.cumsum(ones, axis=1) - ones  # 0, 1, 2, ... in input time
+            parts = [inputs, steps]
+            for tensor, width in zip(edit_inputs, self.edit_channels):
+                tensor = ops.cast(tensor, inputs.dtype)
+                if len(tensor.shape) == 2:
+                    tensor = ops.expand_dims(tensor, -1)  # [batch, time, 1]
+                parts.append(tensor)
+            return ops.concatenate(parts, axis=-1)
+
         @_plain_python
-        def call(self, inputs, initial_state=None, mask=None, training=None):
+        def call(self, inputs, initial_state=None, mask=None, training=None, edit_inputs=None):
             mask = first_mask(mask)
             _reset_dropout_masks(self.rnn.cell)
+            if self.edit_channels is not None:
+                inputs = self._with_edit_channels(inputs, edit_inputs)
             if shapes_only_active():
                 results = _zeros_for_rnn(self.rnn, inputs, self._step_shapes)
             if not shapes_only_active() or results is None:
@@ -711,17 +842,20 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
                 outputs.append(ops.cast(step_mask, "float32"))
             return outputs
 
-        def compute_output_spec(self, inputs, initial_state=None, mask=None, training=None):
+        def compute_output_spec(self, inputs, initial_state=None, mask=None, training=None, edit_inputs=None):
             # Keras 3 finds a layer's output specs by tracing ``call`` into a scratch graph, ops
             # that cost ~0.5 ms each to create. Within `shapes_only`, ``call`` runs on the symbolic
             # inputs themselves instead: Keras 3's ops infer shapes in Python, and the whole call
             # creates no graph op (a third of the rewrite's time for a chain of LSTMs).
             if shapes_only_active() and symbolic_tensor is not None and isinstance(inputs, symbolic_tensor):
-                outputs = self.call(inputs, initial_state=initial_state, mask=mask, training=training)
+                outputs = self.call(inputs, initial_state=initial_state, mask=mask, training=training,
+                                    edit_inputs=edit_inputs)
                 # One new tensor per output: call may return one tensor twice (the output and the
                 # exposed h), and Keras maps a node's outputs by identity when it runs the graph.
                 return [symbolic_tensor(t.shape, dtype=t.dtype) for t in outputs]
-            return super().compute_output_spec(inputs, initial_state=initial_state, mask=mask, training=training)
+            extra = {} if edit_inputs is None else {"edit_inputs": edit_inputs}
+            return super().compute_output_spec(inputs, initial_state=initial_state, mask=mask, training=training,
+                                               **extra)
 
         def get_config(self):
             config = {
@@ -737,6 +871,8 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
                 "output_alias": self.output_alias,
                 "state_count": self.state_count,
             }
+            if self.edit_channels is not None:
+                config["edit_channels"] = list(self.edit_channels)
             if self.part_sizes is not None:
                 config["part_sizes"] = list(self.part_sizes)
             if self.part_shapes is not None:
@@ -863,16 +999,24 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
             return output, finals, extra
 
         @_plain_python
-        def call(self, inputs, initial_state=None, mask=None, training=None):
+        def call(self, inputs, initial_state=None, mask=None, training=None, edit_inputs=None):
             mask = first_mask(mask)
             forward_state = backward_state = None
             if initial_state is not None:
                 half = len(initial_state) // 2
                 forward_state, backward_state = list(initial_state[:half]), list(initial_state[half:])
+            # Call-time edit inputs: the forward direction's first, then the backward's.
+            split = len(getattr(self.forward_layer, "edit_channels", None) or [])
+            edit_inputs = list(edit_inputs or [])
+            forward_edits = {"edit_inputs": edit_inputs[:split]} if split else {}
+            backward_edits = {"edit_inputs": edit_inputs[split:]} if edit_inputs[split:] else {}
             y, forward_finals, forward_extra = self._split_results(
-                self.forward_layer(inputs, initial_state=forward_state, mask=mask, training=training), self.forward_layer)
+                self.forward_layer(inputs, initial_state=forward_state, mask=mask, training=training, **forward_edits),
+                self.forward_layer)
             y_rev, backward_finals, backward_extra = self._split_results(
-                self.backward_layer(inputs, initial_state=backward_state, mask=mask, training=training), self.backward_layer)
+                self.backward_layer(inputs, initial_state=backward_state, mask=mask, training=training,
+                                    **backward_edits),
+                self.backward_layer)
             if self.return_sequences:
                 y_rev = ops.flip(y_rev, axis=1)
             if self.merge_mode == "concat":

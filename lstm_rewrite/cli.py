@@ -316,6 +316,8 @@ def cmd_expose(args) -> int:
 
 
 def cmd_states(args) -> int:
+    if args.beam:
+        return _states_on_beam(args)
     import numpy as np
 
     from .capture import cell_states
@@ -390,6 +392,12 @@ def _note_synthesized(out_dir: str, note: str) -> None:
 
 
 def cmd_audit(args) -> int:
+    if args.beam:
+        if args.causal:
+            # The causal section reruns the model with edits per unit: not a mergeable statistic.
+            raise InvalidArgumentError("--causal runs on one machine: drop --beam, or audit a sample of the "
+                                       "corpus with --causal. Received: --beam --causal")
+        return _audit_on_beam(args)
     from .audit import audit
 
     labels = read_labels(args.labels) if args.labels else None
@@ -420,8 +428,19 @@ def cmd_audit(args) -> int:
             source = f"{args.model} on synthesized inputs"
             if labels is not None:
                 raise InvalidArgumentError("--labels needs --data: labels must describe the audited sequences.")
+    causal = {}
+    if args.causal:
+        if args.model is None:
+            # The demo's question: does the model use its depth unit to predict the next character
+            # where the brackets are deeply nested?
+            from .demo import next_char_targets
+            from .interventions import accuracy_metric
+
+            causal = {"causal": True, "metric": accuracy_metric(), "targets": next_char_targets(data, depth)}
+        else:
+            causal = {"causal": True}
     report = audit(model, data, labels=labels, batch_size=args.batch_size, progress=not args.quiet,
-                   vocab=vocab)
+                   vocab=vocab, **causal)
     out_dir = args.out
     existed = os.path.isdir(out_dir)
     try:
@@ -436,7 +455,137 @@ def cmd_audit(args) -> int:
     if note:
         print(f"Note: {note}")
     print(report.summary())
+    if report.causal:
+        from .interventions import causal_figure
+
+        metric = ("next-character accuracy on steps nested at depth >= 3" if args.model is None
+                  else "mean |change| of the first output")
+        figure = causal_figure(report.causal, os.path.join(out_dir, "causal.png"))
+        print(f"Causal metric: {metric}. Figure: {pathlib.Path(figure).resolve().as_uri()}")
     print(f"Report: {pathlib.Path(page).resolve().as_uri()} (and report.json, figures in {out_dir})")
+    return EXIT_OK
+
+
+def _beam_runner(pipeline_args: Sequence[str]):
+    """Beam's in-process FnApiRunner unless the pipeline options name a runner (the default
+    DirectRunner would first try to download the Prism runner)."""
+    if any(a == "--runner" or a.startswith("--runner=") for a in pipeline_args):
+        return None
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    return FnApiRunner()
+
+
+def _states_on_beam(args) -> int:
+    from .beam import cell_states_on_beam
+
+    if args.lstmvis:
+        raise InvalidArgumentError("--lstmvis is not available with --beam: export LSTMVis from a local capture. "
+                                   "Received: --lstmvis " + repr(args.lstmvis))
+    out = cell_states_on_beam(args.model, args.data, args.output, states=_split(args.states),
+                              layers=_split(args.layers), feature_spec=args.feature_spec,
+                              batch_size=args.batch_size, safe=not args.unsafe,
+                              runner=_beam_runner(args.pipeline_args), options=list(args.pipeline_args))
+    from .capture import CellStates
+
+    with CellStates.open(out) as cs:
+        shapes = ", ".join(f"{n} {tuple(cs[n].shape)}" for n in cs)
+    print(f"wrote {out} (index over the shards in {os.path.basename(out).rsplit('.', 1)[0]}-shards/): {shapes}")
+    return EXIT_OK
+
+
+def _audit_on_beam(args) -> int:
+    from .beam import audit_on_beam
+
+    if args.model is None or not args.data:
+        raise InvalidArgumentError("--beam needs a MODEL and --data FILE_PATTERN (the corpus to audit). "
+                                   f"Received: MODEL={args.model!r}, --data={args.data!r}")
+    if args.labels:
+        raise InvalidArgumentError("With --beam the labels live in the data shards: name them with --label-keys "
+                                   f"(npz keys or TFRecord features) instead of --labels. Received: --labels {args.labels!r}")
+    report = audit_on_beam(args.model, args.data, labels=_split(args.label_keys) or (),
+                           feature_spec=args.feature_spec, batch_size=args.batch_size,
+                           vocab=read_vocab(args.vocab), safe=not args.unsafe,
+                           runner=_beam_runner(args.pipeline_args), options=list(args.pipeline_args))
+    out_dir = args.out
+    existed = os.path.isdir(out_dir)
+    try:
+        page = report.to_html(out_dir)
+    except BaseException:
+        if not existed:
+            _remove([out_dir])
+        raise
+    print(f"Audit of {args.model} on {args.data} (Beam).")
+    print(report.summary())
+    print(f"Report: {pathlib.Path(page).resolve().as_uri()} (and report.json, figures in {out_dir})")
+    return EXIT_OK
+
+
+def parse_edit(spec: str, flag: str = "--ablate") -> tuple[str, Any, Any]:
+    """``TARGET[:UNITS][@STEPS]`` (``lstm.c:11@20:``, ``bi.backward.h:0,3-5@2:8``) -> (target, units, steps)."""
+    left, _, steps = spec.partition("@")
+    target, _, units = left.partition(":")
+    chosen = None
+    if units:
+        chosen = []
+        try:
+            for part in units.split(","):
+                low, dash, high = part.partition("-")
+                chosen += list(range(int(low), int(high) + 1)) if dash else [int(low)]
+        except ValueError:
+            raise InvalidArgumentError(
+                f"{flag} takes TARGET[:UNITS][@STEPS], e.g. lstm.c:11@20: or lstm.c:0,3-5@2:8; the units are "
+                f"indices and ranges. Received: {flag} {spec}") from None
+    return target, chosen, (steps or None)
+
+
+def cmd_intervene(args) -> int:
+    import numpy as np
+
+    from .interventions import Ablate, Clamp, Scale, run_intervened
+
+    model = _load(args.model, args.unsafe)
+    data = read_data(args.data, _input_names(model))
+    value = args.value
+    if value not in ("zero", "mean"):
+        try:
+            value = float(value)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"--value takes zero, mean or a number. Received: --value {args.value}") from None
+    interventions = [Ablate(*parse_edit(spec), value=value) for spec in args.ablate or []]
+    interventions += [Scale(*parse_edit(spec.rpartition("=")[0], "--scale"), factor=float(spec.rpartition("=")[2]))
+                      for spec in args.scale or []]
+    interventions += [Clamp(*parse_edit(spec.rpartition("=")[0], "--clamp"),
+                            low=-abs(float(spec.rpartition("=")[2])), high=abs(float(spec.rpartition("=")[2])))
+                      for spec in args.clamp or []]
+    if not interventions:
+        raise InvalidArgumentError("intervene needs at least one --ablate, --scale or --clamp. Received: none")
+    from .interventions import _as_list, _predict, intervene
+
+    arrays = [data[name] for name in _input_names(model)] if isinstance(data, dict) else data
+    edited = intervene(model, interventions, data=arrays if value == "mean" else None)
+    before = _predict(model, _as_list(arrays), args.batch_size)
+    after = run_intervened(edited, arrays, batch_size=args.batch_size)
+    names = edited.intervention_record.original_output_names
+    rows = [{"output": n, "mean_abs_change": float(np.abs(a - b).mean()), "max_abs_change": float(np.abs(a - b).max()),
+             "argmax_changed": float((a.argmax(-1) != b.argmax(-1)).mean()) if a.ndim > 1 and a.shape[-1] > 1 else None}
+            for n, a, b in zip(names, after, before)]
+    result = {"interventions": [i.to_dict() for i in interventions], "outputs": rows}
+    if args.output:
+        edited.save(args.output)
+        result["saved"] = args.output
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        for item in interventions:
+            print(f"Intervention: {json.dumps(item.to_dict())}")
+        for row in rows:
+            changed = "" if row["argmax_changed"] is None else f", top prediction changed on {row['argmax_changed']:.1%}"
+            print(f"{row['output']}: mean |change| {row['mean_abs_change']:.4g}, max {row['max_abs_change']:.4g}"
+                  f"{changed} of steps")
+        if args.output:
+            print(f"Intervened model: {args.output}")
     return EXIT_OK
 
 
@@ -492,6 +641,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", metavar="FILE", help="words for --lstmvis: JSON list/object or one word per line")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--beam", action="store_true",
+                   help="run on Apache Beam (pip install 'lstm_rewrite[beam]'): --data is then a file pattern "
+                        "of .npy/.npz shards or TFRecord files; pipeline options follow a '--'")
+    p.add_argument("--feature-spec", metavar="FILE",
+                   help="with --beam and TFRecord data: JSON name -> {dtype, shape} of the features to read")
     p.set_defaults(run=cmd_states)
 
     p = sub.add_parser("audit", help="audit every LSTM unit and write an HTML/JSON report")
@@ -505,7 +659,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthesize", type=int, default=64, metavar="N", help="sequences to synthesize without --data")
     p.add_argument("--time-steps", type=int, default=20, metavar="T", help="length of synthesized sequences")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--beam", action="store_true",
+                   help="run on Apache Beam (pip install 'lstm_rewrite[beam]'): --data is then a file pattern "
+                        "of .npy/.npz shards or TFRecord files; pipeline options follow a '--'")
+    p.add_argument("--feature-spec", metavar="FILE",
+                   help="with --beam and TFRecord data: JSON name -> {dtype, shape} of the features to read")
+    p.add_argument("--label-keys", metavar="LIST",
+                   help="with --beam: per-step label arrays stored in each shard (npz keys or TFRecord features)")
+    p.add_argument("--causal", action="store_true",
+                   help="also ablate each unit (and the units tracking each label, against random units) and "
+                        "report the effect; writes causal.png")
     p.set_defaults(run=cmd_audit)
+
+    p = sub.add_parser("intervene", help="run the model with units edited inside the recurrence; print the effect")
+    common(p)
+    p.add_argument("--data", required=True, metavar="FILE", help=".npy (one input) or .npz")
+    p.add_argument("--ablate", action="append", metavar="TARGET[:UNITS][@STEPS]",
+                   help="e.g. lstm.c:11@20: (c[11] of layer lstm from input step 20 on); repeatable")
+    p.add_argument("--value", default="zero", help="what --ablate sets: zero (default), mean (over --data) or a number")
+    p.add_argument("--scale", action="append", metavar="TARGET[:UNITS][@STEPS]=FACTOR", help="multiply; repeatable")
+    p.add_argument("--clamp", action="append", metavar="TARGET[:UNITS][@STEPS]=BOUND", help="clip to [-B, B]; repeatable")
+    p.add_argument("-o", "--output", metavar="OUT", help="also write the intervened model (.keras)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(run=cmd_intervene)
     return parser
 
 
@@ -553,10 +730,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Beam's pipeline options (--runner=DataflowRunner --project=...) follow a "--", unparsed here.
+    pipeline_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error (2, already printed)
         return int(stop.code or 0)
+    args.pipeline_args = pipeline_args
+    if pipeline_args and not getattr(args, "beam", False):
+        print(f"lstm-rewrite {args.command}: error: pipeline options after '--' need --beam. "
+              f"Received: -- {' '.join(pipeline_args)}", file=sys.stderr)
+        return EXIT_ERROR
     # A level the user set is theirs to keep, and --verbose keeps everything.
     if not args.verbose and "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
         _quiet_tensorflow()

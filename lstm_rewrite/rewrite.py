@@ -452,6 +452,9 @@ class ReplacementBuilder:
         self.expose_masks = expose_masks
         self.method = method  # "trace" or "reconstruct" (the GPU fast path, LSTM only)
         self.rows = {row.kind: row for row in cell_kinds(backend)}
+        # Interventions for the call being built: builder name ("forward", "backward", the layer's
+        # name) -> {"edits", "input_width", "channels"}; set by the pass before each call.
+        self.pending_edits = {}
 
     def traced(self, layer, kind: str, name: str, return_sequences=None, return_state=None, output_shape=None):
         """The traced replacement of one recurrent layer (not Bidirectional) of the given kind."""
@@ -548,6 +551,10 @@ class ReplacementBuilder:
     def _traced_single(self, layer, name, row, return_sequences, return_state, cell_config=None, **split):
         quantities = quantities_for(self.quantities, row.family)
         extras = tuple(q for q in quantities if q != "h")
+        edits = self.pending_edits.get(name)
+        if edits:
+            cell_config = {**(cell_config or {}), "edits": edits["edits"], "input_width": edits["input_width"]}
+            split = {**split, "edit_channels": edits["channels"]}
         cell = row.traced_cell.from_config({**layer.cell.get_config(), **(cell_config or {}), "extras": list(extras)})
         return self._wrap(layer, name, cell, return_sequences, return_state, extras=extras, exposed=quantities,
                           state_index=row.family.state_index, **split)
@@ -653,8 +660,13 @@ class RewritePass:
     """Rebuild a model level by level, replacing the selected recurrent calls."""
 
     def __init__(self, model, states=("c",), layers: LayerSelector = None, expose_masks: bool = False,
-                 method: str = "trace"):
+                 method: str = "trace", edits=None):
         self.backend = _backend_of(model)
+        # Interventions (lstm_rewrite.interventions): site -> {"edits": [...], "inputs": [(name, width,
+        # is_steps_mask)]}, and the call-time inputs the pass creates for them, by name.
+        self.edits = dict(edits or {})
+        self.edit_inputs = {}
+        self.layer_edits = {}
         self.quantities = parse_states(states)
         self.sites = plan_rewrite(model, layers, states)
         self.select, _ = make_selector(layers)
@@ -718,7 +730,7 @@ class RewritePass:
             site = site_name(layer.name, data["call_index"])
             kind = classify(layer, prefix + site, self.select, backend)
             if (kind in RECURRENT_KINDS or kind == "bidirectional") and self.select(prefix + site, layer):
-                outputs, added = self._call_traced(layer, kind, site, data, args, kwargs)
+                outputs, added = self._call_traced(layer, kind, site, data, args, kwargs, prefix)
             elif kind == "model":
                 outputs, added = self._call_nested(layer, site, prefix, args, kwargs, len(data["outputs"]))
             else:
@@ -734,6 +746,8 @@ class RewritePass:
                     masks[entry[0]] = entry[1]
                     mask_tensors.append(tensor)
         outputs = [tensors[id(t)] for t in graph.graph["outputs"]]
+        if prefix == "" and model is self.model and self.edit_inputs:
+            inputs = _with_extra_inputs(inputs, [self.edit_inputs[n] for n in self.edit_input_order()])
         if prefix == "" and model is self.model:
             # The top level names its outputs itself (identity layers), see `run`.
             new_model = backend.make_model(inputs, outputs + extra_tensors + mask_tensors, name=model.name)
@@ -763,12 +777,56 @@ class RewritePass:
                 ) from error
         return outputs
 
-    def _call_traced(self, layer, kind, site, data, args, kwargs):
+    def edit_input_order(self) -> list:
+        """The names of the call-time edit inputs, in the order the intervened model takes them."""
+        order = [name for spec in self.edits.values() for name, _, _ in spec.get("inputs", ())]
+        return [name for name in dict.fromkeys(order) if name in self.edit_inputs]
+
+    def _pending_edits(self, layer, kind, site, prefix, inputs, rest):
+        """Per direction name the builder uses, the edit config of this call (see lstm_rewrite.interventions)."""
+        if kind == "bidirectional":
+            directions = [("forward", f"{prefix}{site}.forward"), ("backward", f"{prefix}{site}.backward")]
+        else:
+            directions = [(layer.name, f"{prefix}{site}")]
+        pending, tensors = {}, []
+        for name, where in directions:
+            spec = self.edits.get(where)
+            if not spec:
+                continue
+            steps = inputs.shape[1]
+            for edit in spec["edits"]:
+                _check_steps(edit, steps)
+            if spec.get("inputs") and prefix:
+                raise InvalidArgumentError(
+                    f"The interventions on {where!r} need call-time data (a per-sample step mask or a patch source), "
+                    f"and {where!r} is inside the nested model {prefix[:-1]!r}: call-time data reach top-level "
+                    f"recurrent layers only. Give fixed steps (an int, a slice, a list), or flatten the model. "
+                    f"Received: {[e['target'] for e in spec['edits']]}")
+            for input_name, width, is_mask in spec.get("inputs", ()):
+                if input_name not in self.edit_inputs:
+                    shape = (None, steps) if is_mask else (None, steps, width)
+                    self.edit_inputs[input_name] = self.backend.keras.Input(batch_shape=shape, name=input_name)
+                tensors.append(self.edit_inputs[input_name])
+            pending[name] = {"edits": spec["edits"], "input_width": int(inputs.shape[-1]),
+                             "channels": [w for _, w, _ in spec.get("inputs", ())]}
+        if tensors:
+            rest = {**rest, "edit_inputs": tensors}
+        return pending, rest
+
+    def _call_traced(self, layer, kind, site, data, args, kwargs, prefix=""):
         backend, builder = self.backend, self.builder
         inputs, initial_state, mask, rest = backend.recurrent_call(args, kwargs)
+        pending, rest = self._pending_edits(layer, kind, site, prefix, inputs, rest) if self.edits else ({}, rest)
         traced = self.layer_copies.get(id(layer))
         fresh = traced is None
+        if not fresh and self.layer_edits.get(id(layer)) != pending:
+            raise InvalidArgumentError(
+                f"Layer {layer.name!r} ({describe_layer(layer, backend)}) is shared, called more than once, and the "
+                f"interventions differ between its calls ({prefix}{site}): one traced copy runs every call. Give "
+                f"every call of the layer the same interventions. Received: {sorted(pending) or 'none'} here")
+        builder.pending_edits = pending
         if fresh:
+            self.layer_edits[id(layer)] = pending
             output_shape = tuple(data["outputs"][0].shape)
             if kind == "bidirectional":
                 traced = builder.traced_bidirectional(layer, output_shape)
@@ -842,6 +900,30 @@ class RewritePass:
         return outputs[:original_count], list(zip(entries, extra))
 
 
+def _with_extra_inputs(inputs, extra):
+    """The model's inputs followed by the call-time edit inputs (a dict gains their names)."""
+    if isinstance(inputs, dict):
+        return {**inputs, **{t.name if hasattr(t, "name") else str(k): t for k, t in enumerate(extra)}}
+    if isinstance(inputs, (list, tuple)):
+        return list(inputs) + list(extra)
+    return [inputs] + list(extra)
+
+
+def _check_steps(edit, steps) -> None:
+    """Refuse fixed steps that the call's (static) time axis does not have."""
+    if steps is None:
+        return
+    spec, latest = edit["steps"], None
+    if "at" in spec:
+        latest = max(spec["at"])
+    elif "channel" not in spec:
+        latest = int(spec.get("start", 0))
+    if latest is not None and latest >= int(steps):
+        raise InvalidArgumentError(
+            f"The intervention on {edit['target']!r} edits step {latest}, but that layer's input has {steps} steps "
+            f"(0 to {steps - 1}, input time). Give steps within range. Received: steps={edit['steps_given']!r}")
+
+
 def _clone_layer(layer):
     """An exact, unbuilt copy of ``layer`` from its config; the layer itself if it cannot be copied."""
     try:
@@ -853,7 +935,7 @@ def _clone_layer(layer):
 
 
 def rewrite_model(model, states=("c",), layers: LayerSelector = None, expose_masks: bool = False,
-                  method: str = "trace"):
+                  method: str = "trace", edits=None):
     """Rebuild ``model`` with every selected recurrent call traced. Returns ``(traced, RewriteRecord)``.
 
     This is the pass alone, without verification; `lstm_rewrite.expose_cell_states` adds it.
@@ -864,4 +946,4 @@ def rewrite_model(model, states=("c",), layers: LayerSelector = None, expose_mas
         >>> record.output_names
         ['encoder.c', 'encoder.h']
     """
-    return RewritePass(model, states, layers, expose_masks, method).run()
+    return RewritePass(model, states, layers, expose_masks, method, edits).run()

@@ -200,6 +200,57 @@ def _initial_states(initial_state: Any, shapes: Sequence[tuple[int, ...]], names
     return states
 
 
+
+class _Editor:
+    """Interventions applied inside the step, written from their definitions (issue 13).
+
+    Each intervention is a dict: ``quantity`` (c, h, i, f, g, o; z, r, n), ``units`` (indices), ``steps``
+    (``(batch, time)`` bool in *input* time order), ``kind`` and its constants:
+
+    * ``"ablate"``: the units take ``value`` (a float, or one value per selected unit);
+    * ``"clamp"``: ``clip(v, low, high)``; ``"scale"``: ``v * factor``;
+    * ``"add"``: ``v + alpha * direction`` (``direction`` has one entry per selected unit);
+    * ``"patch"``: the units take ``source`` (``(batch, time, len(units))``, input time order).
+
+    Interventions on one quantity apply in list order, where the quantity is computed: a gate before it
+    enters c (or n), c before h is computed from it, h before it is carried.
+    """
+
+    def __init__(self, interventions, batch: int, time: int):
+        self.items = []
+        for k, item in enumerate(interventions or ()):
+            units = np.asarray(item["units"], dtype=int)
+            steps = np.asarray(item["steps"], dtype=bool)
+            if steps.shape != (batch, time):
+                raise ValueError(f"intervention {k}: steps must be (batch, time) = {(batch, time)}. Received: {steps.shape}")
+            self.items.append((item, units, steps))
+        self.t = 0  # the input-time index of the step being computed
+
+    def __call__(self, quantity: str, v: Array) -> Array:
+        for item, units, steps in self.items:
+            if item["quantity"] != quantity:
+                continue
+            on = steps[:, self.t]
+            sel = v[:, units]
+            kind = item["kind"]
+            if kind == "ablate":
+                new = np.broadcast_to(np.asarray(item["value"], dtype=np.float64), sel.shape)
+            elif kind == "clamp":
+                low = -np.inf if item.get("low") is None else item["low"]
+                high = np.inf if item.get("high") is None else item["high"]
+                new = np.minimum(np.maximum(sel, low), high)
+            elif kind == "scale":
+                new = sel * item["factor"]
+            elif kind == "add":
+                new = sel + item["alpha"] * np.asarray(item["direction"], dtype=np.float64)
+            elif kind == "patch":
+                new = np.asarray(item["source"], dtype=np.float64)[:, self.t]
+            else:
+                raise ValueError(f"unknown intervention kind. Received: {kind!r}")
+            v = v.copy()
+            v[:, units] = np.where(on[:, None], new, sel)
+        return v
+
 def _recur(
     x: Array,
     step: Step,
@@ -210,8 +261,12 @@ def _recur(
     mask: Array,
     go_backwards: bool,
     zero_output_for_mask: bool,
+    editor: "_Editor | None" = None,
 ) -> dict[str, Array]:
-    """Run ``step`` over time with Keras masking; return sequences in processing order."""
+    """Run ``step`` over time with Keras masking; return sequences in processing order.
+
+    ``editor`` (interventions) is told the input-time index of each step before it runs.
+    """
     if go_backwards:
         x = x[:, ::-1]
         mask = mask[:, ::-1]
@@ -221,6 +276,8 @@ def _recur(
     prev_out: Array | None = None
     prev_extra: dict[str, Array] | None = None
     for t in range(time):
+        if editor is not None:
+            editor.t = time - 1 - t if go_backwards else t
         output, new_states, extras = step(x[:, t], states)
         if prev_out is None:
             prev_out = np.zeros_like(output)
@@ -276,6 +333,7 @@ def lstm(
     recurrent_activation: str | None = "sigmoid",
     flavour: Flavour = "keras3",
     zero_output_for_mask: bool = False,
+    interventions: Sequence[dict] | None = None,
 ) -> dict[str, Array]:
     """Run a Keras ``LSTM`` layer in NumPy, keeping every state and gate at every step.
 
@@ -295,6 +353,8 @@ def lstm(
         recurrent_activation: Keras name of the recurrent activation.
         flavour: ``"keras3"`` or ``"tfkeras"`` (decides what ``hard_sigmoid`` means).
         zero_output_for_mask: Zero ``"output"`` on masked steps instead of repeating the previous output.
+        interventions: Edits applied inside the step (see ``_Editor``): each a dict with ``quantity``, ``units``,
+            ``steps`` ((batch, time) bool, input time order), ``kind`` and its constants.
 
     Returns:
         A dict with ``"h", "c", "i", "f", "g", "o"`` of shape ``(batch, time, units)`` in processing order,
@@ -324,11 +384,12 @@ def lstm(
         h, c = states
         z = x_t @ w + h @ u + b
         zi, zf, zg, zo = np.split(z, 4, axis=-1)
-        i, f, g, o = rec(zi), rec(zf), act(zg), rec(zo)
-        c_new = f * c + i * g
-        h_new = o * act(c_new)
+        i, f, g, o = edit("i", rec(zi)), edit("f", rec(zf)), edit("g", act(zg)), edit("o", rec(zo))
+        c_new = edit("c", f * c + i * g)
+        h_new = edit("h", o * act(c_new))
         return h_new, [h_new, c_new], {"i": i, "f": f, "g": g, "o": o}
 
+    edit = _Editor(interventions, batch, time)
     states = _initial_states(initial_state, [(batch, units)] * 2, ["h", "c"])
     return _recur(
         x,
@@ -339,6 +400,7 @@ def lstm(
         mask=_check_mask(mask, batch, time),
         go_backwards=go_backwards,
         zero_output_for_mask=zero_output_for_mask,
+        editor=edit,
     )
 
 
@@ -356,6 +418,7 @@ def gru(
     recurrent_activation: str | None = "sigmoid",
     flavour: Flavour = "keras3",
     zero_output_for_mask: bool = False,
+    interventions: Sequence[dict] | None = None,
 ) -> dict[str, Array]:
     """Run a Keras ``GRU`` layer in NumPy, keeping the state, both gates and the candidate at every step.
 
@@ -378,6 +441,8 @@ def gru(
         recurrent_activation: Keras name of the recurrent activation.
         flavour: ``"keras3"`` or ``"tfkeras"``.
         zero_output_for_mask: Zero ``"output"`` on masked steps instead of repeating the previous output.
+        interventions: Edits applied inside the step (see ``_Editor``): each a dict with ``quantity``, ``units``,
+            ``steps`` ((batch, time) bool, input time order), ``kind`` and its constants.
 
     Returns:
         A dict with ``"h", "z", "r", "n"`` ``(batch, time, units)`` in processing order, ``"output"``,
@@ -415,12 +480,13 @@ def gru(
             hz, hr, hn = np.split(h @ u + b_rec, 3, axis=-1)
         else:
             hz, hr = np.split(h @ u[:, : 2 * units], 2, axis=-1)
-        z = rec(xz + hz)
-        r = rec(xr + hr)
-        n = act(xn + r * hn) if reset_after else act(xn + (r * h) @ u[:, 2 * units :])
-        h_new = z * h + (1.0 - z) * n
+        z = edit("z", rec(xz + hz))
+        r = edit("r", rec(xr + hr))
+        n = edit("n", act(xn + r * hn) if reset_after else act(xn + (r * h) @ u[:, 2 * units :]))
+        h_new = edit("h", z * h + (1.0 - z) * n)
         return h_new, [h_new], {"z": z, "r": r, "n": n}
 
+    edit = _Editor(interventions, batch, time)
     states = _initial_states(initial_state, [(batch, units)], ["h"])
     return _recur(
         x,
@@ -431,6 +497,7 @@ def gru(
         mask=_check_mask(mask, batch, time),
         go_backwards=go_backwards,
         zero_output_for_mask=zero_output_for_mask,
+        editor=edit,
     )
 
 
@@ -446,6 +513,7 @@ def simple_rnn(
     activation: str | None = "tanh",
     flavour: Flavour = "keras3",
     zero_output_for_mask: bool = False,
+    interventions: Sequence[dict] | None = None,
 ) -> dict[str, Array]:
     """Run a Keras ``SimpleRNN`` layer in NumPy: ``h = activation(x_t @ kernel + h @ recurrent_kernel + bias)``.
 
@@ -460,6 +528,8 @@ def simple_rnn(
         activation: Keras name of the activation.
         flavour: ``"keras3"`` or ``"tfkeras"``.
         zero_output_for_mask: Zero ``"output"`` on masked steps instead of repeating the previous output.
+        interventions: Edits applied inside the step (see ``_Editor``): each a dict with ``quantity``, ``units``,
+            ``steps`` ((batch, time) bool, input time order), ``kind`` and its constants.
 
     Returns:
         A dict with ``"h"`` ``(batch, time, units)`` in processing order, ``"output"``, ``"last_output"``,
@@ -483,9 +553,10 @@ def simple_rnn(
     act = get_activation(activation, flavour)
 
     def step(x_t: Array, states: list[Array]) -> tuple[Array, list[Array], dict[str, Array]]:
-        h_new = act(x_t @ w + states[0] @ u + b)
+        h_new = edit("h", act(x_t @ w + states[0] @ u + b))
         return h_new, [h_new], {}
 
+    edit = _Editor(interventions, batch, time)
     states = _initial_states(initial_state, [(batch, units)], ["h"])
     return _recur(
         x,
@@ -496,6 +567,7 @@ def simple_rnn(
         mask=_check_mask(mask, batch, time),
         go_backwards=go_backwards,
         zero_output_for_mask=zero_output_for_mask,
+        editor=edit,
     )
 
 

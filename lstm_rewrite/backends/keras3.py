@@ -206,7 +206,7 @@ def call_mask(inputs, mask):
 
 
 def call_traced(layer, inputs, initial_state, mask, kwargs):
-    call_kwargs = {k: v for k, v in kwargs.items() if k == "training"}
+    call_kwargs = {k: v for k, v in kwargs.items() if k in ("training", "edit_inputs")}
     if initial_state is not None:
         call_kwargs["initial_state"] = initial_state
     if mask is not None:

@@ -52,6 +52,13 @@ ops = types.SimpleNamespace(
     unstack=lambda x, axis=0: tf.unstack(x, axis=axis),
     convert_to_tensor=tf.convert_to_tensor,
     any=lambda x, axis=None, keepdims=False: tf.reduce_any(x, axis=axis, keepdims=keepdims),
+    # Interventions (cells.py): step and unit selection inside the step.
+    greater=tf.greater,
+    greater_equal=tf.greater_equal,
+    less=tf.less,
+    equal=tf.equal,
+    mod=tf.math.floormod,
+    clip=tf.clip_by_value,
 )
 # Nested state lists (stacked cells), under keras.tree's names.
 tree = types.SimpleNamespace(flatten=tf.nest.flatten, pack_sequence_as=tf.nest.pack_sequence_as)
@@ -196,7 +203,7 @@ def call_mask(inputs, mask):
 def call_traced(layer, inputs, initial_state, mask, kwargs):
     # tf-keras hands the input tensor's mask to the layer by itself; passing it again would break
     # the node's bookkeeping, since a mask is not a layer output.
-    call_kwargs = {k: v for k, v in kwargs.items() if k == "training"}
+    call_kwargs = {k: v for k, v in kwargs.items() if k in ("training", "edit_inputs")}
     if initial_state is not None:
         call_kwargs["initial_state"] = initial_state
     return layer(inputs, **call_kwargs)
