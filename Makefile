@@ -22,8 +22,10 @@ $(STAMP): requirements.txt pyproject.toml
 demo: setup
 	$(VENV)/bin/lstm-rewrite audit --causal --out out/demo
 
+# The whole suite on TensorFlow (both flavours), then the Keras 3 part again on JAX.
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile
+	KERAS_BACKEND=jax $(PY) -m pytest -q -n 2 --dist loadfile -k "not tfkeras"
 
 # Property-based fuzzing at full size (the suite runs a small profile).
 fuzz: setup

@@ -689,13 +689,14 @@ def define_traced_layers(keras, ops, dropout_masks, name_scope, tree, conv_lstm_
             self.state_shapes = None if state_shapes is None else [tuple(int(d) for d in s) for s in state_shapes]
             self.state_count = state_count
             self.supports_masking = True
-            if not masked_steps_repeat_output:
-                # Zeroed masked steps are the same on every backend; `_fill_masked` then repeats
-                # the last valid step's parts, as a loop that repeats its output would. A step
-                # output must be one tensor there (the loop zeroes it with one `where`).
-                self.rnn.zero_output_for_mask = True
-                if getattr(self.rnn.cell, "split_outputs", False):
-                    self.rnn.cell.split_outputs = False
+            # The inner loop's masked steps, decided by the backend that runs it (a file saved under
+            # one backend loads under another): where the loop repeats the previous output it keeps
+            # every step's parts as they are; elsewhere it zeroes masked steps, the same on every
+            # backend, and `_fill_masked` repeats the last valid step's parts as such a loop would.
+            # A step output must then be one tensor (the loop zeroes it with one `where`).
+            self.rnn.zero_output_for_mask = not masked_steps_repeat_output
+            if not masked_steps_repeat_output and getattr(self.rnn.cell, "split_outputs", False):
+                self.rnn.cell.split_outputs = False
 
         def build(self, input_shape):
             # Build the inner RNN here, not lazily in call: Keras 3 traces call in a stateless scope

@@ -599,16 +599,16 @@ def _state_runner(model, targets: Sequence[str], expose_masks=False):
 
 
 def _compiled(model):
-    """``model(inputs, training=False)`` as one compiled TensorFlow function (any batch and length), or
-    the model itself on a backend without TensorFlow. Cached on the model."""
+    """``model``'s forward pass compiled once for any batch and length, on the active backend
+    (`backends` ``compiled_predict``): ``f([input arrays]) -> [NumPy outputs]``. Cached on the model."""
     fn = getattr(model, "_lstm_rewrite_compiled", None)
     if fn is not None:
         return fn
-    try:
-        import tensorflow as tf
-    except ImportError:  # Keras 3 on another backend
-        return lambda batch: model(batch, training=False)
-    fn = tf.function(lambda batch: model(batch, training=False), reduce_retracing=True)
+    from . import backends
+    from .capture import input_specs
+
+    signature = [((None, *s.shape), s.dtype) for s in input_specs(model)]
+    fn = backends.for_model(model).compiled_predict(model, signature)
     try:
         object.__setattr__(model, "_lstm_rewrite_compiled", fn)
     except Exception:  # noqa: BLE001 - a model that refuses new attributes: just do not cache
@@ -622,10 +622,7 @@ def _predict(model, arrays: list, batch_size: int) -> list:
     chunks = []
     run = _compiled(model)
     for start in range(0, count, batch_size):
-        batch = [a[start:start + batch_size] for a in arrays]
-        out = run(batch if len(batch) > 1 else batch[0])
-        out = out if isinstance(out, (list, tuple)) else [out]
-        chunks.append([np.asarray(o) for o in out])
+        chunks.append(run([a[start:start + batch_size] for a in arrays]))
     return [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]
 
 

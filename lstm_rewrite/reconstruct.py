@@ -351,6 +351,8 @@ def linear_scan(a, b, initial, ops=None):
         # Fold the initial state into the first step: s_0 = a_0 * initial + b_0.
         b = ops.concatenate([b[:, :1] + a[:, :1] * ops.expand_dims(initial, 1), b[:, 1:]], axis=1)
     steps = a.shape[1]
+    if steps is not None and not isinstance(steps, int):
+        return b  # a shape-polymorphic trace (JAX's shape inference) asks for shapes only, and b has them
     if steps is not None:
         # Each op is a kernel launch on a GPU, which is what a scan of small tensors costs there:
         # the last round needs no new a.

@@ -11,7 +11,34 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 
-FLAVOURS = ("keras3", "tfkeras")
+# The Keras 3 backend of this run (KERAS_BACKEND, read by Keras on import). tf-keras computes on
+# TensorFlow only, so a run on JAX or torch covers the Keras 3 flavour alone (`make test` runs the
+# suite once per backend).
+KERAS_BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
+FLAVOURS = ("keras3", "tfkeras") if KERAS_BACKEND == "tensorflow" else ("keras3",)
+
+
+def masked_output(flavour: str) -> str:
+    """What a masked step outputs in the original Keras layer of ``flavour`` on this run's backend:
+    Keras 3's JAX and NumPy loops carry states[0], TensorFlow's and torch's the previous output
+    (keras/src/backend/jax/rnn.py); tests/reference.py takes it as ``masked_output=``."""
+    return "state0" if flavour == "keras3" and KERAS_BACKEND in ("jax", "numpy") else "previous"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "tensorflow_only(reason): needs TensorFlow as the Keras 3 backend; skipped, with the "
+                   "reason, in a run on JAX or torch")
+
+
+def pytest_collection_modifyitems(config, items):
+    if KERAS_BACKEND == "tensorflow":
+        return
+    for item in items:
+        marker = item.get_closest_marker("tensorflow_only")
+        if marker is not None:
+            reason = marker.kwargs.get("reason") or (marker.args[0] if marker.args else "TensorFlow only")
+            item.add_marker(pytest.mark.skip(reason=f"Keras 3 on {KERAS_BACKEND}: {reason}"))
 
 
 def keras_of(name: str):

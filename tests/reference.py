@@ -262,6 +262,7 @@ def _recur(
     go_backwards: bool,
     zero_output_for_mask: bool,
     editor: "_Editor | None" = None,
+    masked_output: str = "previous",
 ) -> dict[str, Array]:
     """Run ``step`` over time with Keras masking; return sequences in processing order.
 
@@ -285,7 +286,10 @@ def _recur(
         m = mask[:, t].reshape((-1,) + (1,) * (output.ndim - 1))
         # Keras: tf.where(mask_t, new, previous) for states and outputs alike.
         states = [np.where(m, new, old) for new, old in zip(new_states, states)]
-        output = np.where(m, output, 0.0 if zero_output_for_mask else prev_out)
+        # What a masked step outputs: the previous output (TensorFlow's and torch's loops), or the
+        # carried states[0] (Keras 3's JAX and NumPy loops: the initial h before the first valid step).
+        carried = prev_out if masked_output == "previous" else states[0]
+        output = np.where(m, output, 0.0 if zero_output_for_mask else carried)
         extras = {n: np.where(m, extras[n], prev_extra[n]) for n in extra_names}
         prev_out, prev_extra = output, extras
         out_seq.append(output)
@@ -333,6 +337,7 @@ def lstm(
     recurrent_activation: str | None = "sigmoid",
     flavour: Flavour = "keras3",
     zero_output_for_mask: bool = False,
+    masked_output: str = "previous",
     interventions: Sequence[dict] | None = None,
 ) -> dict[str, Array]:
     """Run a Keras ``LSTM`` layer in NumPy, keeping every state and gate at every step.
@@ -353,6 +358,8 @@ def lstm(
         recurrent_activation: Keras name of the recurrent activation.
         flavour: ``"keras3"`` or ``"tfkeras"`` (decides what ``hard_sigmoid`` means).
         zero_output_for_mask: Zero ``"output"`` on masked steps instead of repeating the previous output.
+        masked_output: ``"previous"`` (the previous output, TensorFlow and torch) or ``"state0"`` (the
+            carried first state, Keras 3 on JAX) on masked steps; the states are the same either way.
         interventions: Edits applied inside the step (see ``_Editor``): each a dict with ``quantity``, ``units``,
             ``steps`` ((batch, time) bool, input time order), ``kind`` and its constants.
 
@@ -400,6 +407,7 @@ def lstm(
         mask=_check_mask(mask, batch, time),
         go_backwards=go_backwards,
         zero_output_for_mask=zero_output_for_mask,
+        masked_output=masked_output,
         editor=edit,
     )
 
@@ -418,6 +426,7 @@ def gru(
     recurrent_activation: str | None = "sigmoid",
     flavour: Flavour = "keras3",
     zero_output_for_mask: bool = False,
+    masked_output: str = "previous",
     interventions: Sequence[dict] | None = None,
 ) -> dict[str, Array]:
     """Run a Keras ``GRU`` layer in NumPy, keeping the state, both gates and the candidate at every step.
@@ -441,6 +450,8 @@ def gru(
         recurrent_activation: Keras name of the recurrent activation.
         flavour: ``"keras3"`` or ``"tfkeras"``.
         zero_output_for_mask: Zero ``"output"`` on masked steps instead of repeating the previous output.
+        masked_output: ``"previous"`` (the previous output, TensorFlow and torch) or ``"state0"`` (the
+            carried first state, Keras 3 on JAX) on masked steps; the states are the same either way.
         interventions: Edits applied inside the step (see ``_Editor``): each a dict with ``quantity``, ``units``,
             ``steps`` ((batch, time) bool, input time order), ``kind`` and its constants.
 
@@ -497,6 +508,7 @@ def gru(
         mask=_check_mask(mask, batch, time),
         go_backwards=go_backwards,
         zero_output_for_mask=zero_output_for_mask,
+        masked_output=masked_output,
         editor=edit,
     )
 
@@ -513,6 +525,7 @@ def simple_rnn(
     activation: str | None = "tanh",
     flavour: Flavour = "keras3",
     zero_output_for_mask: bool = False,
+    masked_output: str = "previous",
     interventions: Sequence[dict] | None = None,
 ) -> dict[str, Array]:
     """Run a Keras ``SimpleRNN`` layer in NumPy: ``h = activation(x_t @ kernel + h @ recurrent_kernel + bias)``.
@@ -528,6 +541,8 @@ def simple_rnn(
         activation: Keras name of the activation.
         flavour: ``"keras3"`` or ``"tfkeras"``.
         zero_output_for_mask: Zero ``"output"`` on masked steps instead of repeating the previous output.
+        masked_output: ``"previous"`` (the previous output, TensorFlow and torch) or ``"state0"`` (the
+            carried first state, Keras 3 on JAX) on masked steps; the states are the same either way.
         interventions: Edits applied inside the step (see ``_Editor``): each a dict with ``quantity``, ``units``,
             ``steps`` ((batch, time) bool, input time order), ``kind`` and its constants.
 
@@ -567,6 +582,7 @@ def simple_rnn(
         mask=_check_mask(mask, batch, time),
         go_backwards=go_backwards,
         zero_output_for_mask=zero_output_for_mask,
+        masked_output=masked_output,
         editor=edit,
     )
 
@@ -663,6 +679,7 @@ def conv_lstm2d(
     flavour: Flavour = "keras3",
     data_format: str = "channels_last",
     zero_output_for_mask: bool = False,
+    masked_output: str = "previous",
 ) -> dict[str, Array]:
     """Run a Keras ``ConvLSTM2D`` layer in NumPy, keeping every state and gate at every step.
 
@@ -687,6 +704,8 @@ def conv_lstm2d(
         flavour: ``"keras3"`` or ``"tfkeras"``.
         data_format: ``"channels_last"`` or ``"channels_first"``; states come back in the same layout.
         zero_output_for_mask: Zero ``"output"`` on masked steps instead of repeating the previous output.
+        masked_output: ``"previous"`` (the previous output, TensorFlow and torch) or ``"state0"`` (the
+            carried first state, Keras 3 on JAX) on masked steps; the states are the same either way.
 
     Returns:
         A dict with ``"h", "c", "i", "f", "g", "o"`` ``(batch, time, rows', cols', filters)`` (channels_last) in
@@ -748,6 +767,7 @@ def conv_lstm2d(
         mask=_check_mask(mask, batch, time),
         go_backwards=go_backwards,
         zero_output_for_mask=zero_output_for_mask,
+        masked_output=masked_output,
     )
     if channels_first:
         for k, v in result.items():

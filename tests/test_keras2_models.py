@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import Untouched, activation_name, assert_states_match, outputs_by_name, reference_lstm, run
+from conftest import KERAS_BACKEND, Untouched, activation_name, assert_states_match, outputs_by_name, reference_lstm, run
 
 from lstm_rewrite import DataError, UnsupportedLayerError, VerificationError, expose_cell_states
 from lstm_rewrite.rewrite import rewrite_model
@@ -94,6 +94,7 @@ def test_keras2_float_input_into_an_embedding(flavour, rnn, wrap):
     guard.check()
 
 
+@pytest.mark.skipif(KERAS_BACKEND in ("jax", "numpy"), reason="JAX's gather clamps an out-of-range id instead of raising, so the original model runs on the synthesized ids there")
 def test_synthesized_inputs_that_do_not_fit_say_why(flavour):
     """An input cast to ids by a Lambda before its Embedding: nothing tells the synthesis it holds
     ids, so it gets normal floats, and the model fails on them. The message names the input, what

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import Untouched, activation_name, outputs_by_name, reference_lstm, run
+from conftest import KERAS_BACKEND, Untouched, activation_name, outputs_by_name, reference_lstm, run
 
 from lstm_rewrite import InvalidArgumentError, UnsupportedLayerError, expose_cell_states
 from lstm_rewrite.rewrite import plan_rewrite
@@ -453,6 +453,7 @@ def reference_counter(cell, x, mask):
     return {"state0": np.stack(states0, 1), "state1": np.stack(states1, 1), "output": np.stack(outputs, 1)}
 
 
+@pytest.mark.skipif(KERAS_BACKEND in ("jax", "numpy"), reason="Keras's own JAX loop cannot run the original masked RNN over a cell whose output is not its states[0] (a broadcasting error in keras/src/backend/jax/rnn.py)")
 def test_custom_cell(flavour):
     keras, layers = flavour.keras, flavour.layers
     CounterCell = counter_cell_class(keras)

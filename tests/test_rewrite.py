@@ -380,6 +380,7 @@ def test_traced_layers_keep_the_original_configuration(flavour):
     assert not np.all(traced.get_layer("lstm").get_weights()[1] == 0)
 
 
+@pytest.mark.tensorflow_only(reason="JAX's loop zeroes masked steps with one where over one tensor, so there the traced cell concatenates its parts")
 def test_keras3_loop_keeps_exposed_sequences_apart():
     """Keras 3's RNN stacks a tuple of step outputs into one tensor (a copy of every exposed
     sequence); the traced layers' inner RNN hands them back one by one. (tf-keras's RNN returns

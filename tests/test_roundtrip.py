@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import Untouched, outputs_by_name, reference_lstm, run, weights_checksum
+from conftest import KERAS_BACKEND, Untouched, outputs_by_name, reference_lstm, run, weights_checksum
 
 import lstm_rewrite  # noqa: F401  (registers the traced layers for deserialization)
 from lstm_rewrite import expose_cell_states
@@ -108,6 +108,7 @@ def export_and_load(traced, flavour_name, path):
     return loaded, serve
 
 
+@pytest.mark.tensorflow_only(reason="exports a TensorFlow SavedModel and serves it with tf.saved_model")
 def test_saved_model_serves_the_states(flavour, tmp_path):
     model = tagger(flavour.keras)
     ids = token_ids()
@@ -134,6 +135,7 @@ def test_saved_model_serves_the_states(flavour, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.tensorflow_only(reason="takes gradients with tf.GradientTape")
 def test_gradient_of_the_last_exposed_c_equals_the_gradient_of_return_state_c(flavour):
     keras, layers = flavour.keras, flavour.layers
     tokens = keras.Input((None,), dtype="int32", name="tokens")
@@ -162,6 +164,7 @@ def test_gradient_of_the_last_exposed_c_equals_the_gradient_of_return_state_c(fl
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4, err_msg=weight.name)
 
 
+@pytest.mark.tensorflow_only(reason="takes gradients with tf.GradientTape")
 def test_gradient_of_every_step_matches_finite_differences(flavour):
     """d sum(c_t over all t) / d kernel, against central differences of tests/reference.py."""
     keras, layers = flavour.keras, flavour.layers
@@ -238,6 +241,12 @@ def reset(model, flavour_name):
             layer.reset_state()
 
 
+# Keras 3's JAX predict does not carry a stateful RNN's states from one call to the next as
+# TensorFlow's does (measured: the original model's second chunk differs from the carried reference
+# by 0.11); there the traced model is checked against the original model only.
+PREDICT_CARRIES_STATES = KERAS_BACKEND != "jax"
+
+
 def test_stateful_states_carry_across_predict_calls_and_reset(flavour):
     keras, layers = flavour.keras, flavour.layers
     inputs = keras.Input(batch_shape=(2, 3, 4), name="chunk")
@@ -255,6 +264,8 @@ def test_stateful_states_carry_across_predict_calls_and_reset(flavour):
     state = None
     for chunk, original, named in zip(chunks, originals, traced_runs):
         np.testing.assert_allclose(named[model.output_names[0]], original, atol=1e-5)
+        if not PREDICT_CARRIES_STATES:
+            continue
         expected = reference_lstm(lstm, chunk, flavour.name, initial_state=state)
         np.testing.assert_allclose(named["lstm.c"], expected["c"], atol=1e-5)
         np.testing.assert_allclose(named["lstm.h"], expected["h"], atol=1e-5)
