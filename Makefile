@@ -22,10 +22,18 @@ $(STAMP): requirements.txt pyproject.toml
 demo: setup
 	$(VENV)/bin/lstm-rewrite audit --causal --out out/demo
 
-# The whole suite on TensorFlow (both flavours), then the Keras 3 part again on JAX.
+# The whole suite on TensorFlow (both flavours), the Keras 3 part again on JAX, and a torch
+# profile (rewrite, verification, capture, audit, interventions, masked and Bidirectional cases).
+TORCH_PROFILE := tests/test_rewrite.py tests/test_recurrent_layers.py tests/test_capture.py \
+	tests/test_audit.py tests/test_saving.py tests/test_cli.py tests/test_interventions.py \
+	tests/test_reconstruct.py tests/test_explorer_data.py tests/test_lstmvis.py
+
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile
-	KERAS_BACKEND=jax $(PY) -m pytest -q -n 2 --dist loadfile -k "not tfkeras"
+	KERAS_BACKEND=jax $(PY) -m pytest -q -n 2 --dist loadfile -k "not tfkeras" --ignore=tests/test_explorer.py
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		KERAS_BACKEND=torch $(PY) -m pytest -q -n 2 --dist loadfile -k "not tfkeras" $(TORCH_PROFILE); \
+	else echo "Keras 3 on torch: skipped, torch is not installed (pip install torch==2.13.0)"; fi
 
 # Property-based fuzzing at full size (the suite runs a small profile).
 fuzz: setup

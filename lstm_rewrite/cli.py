@@ -458,12 +458,10 @@ def cmd_audit(args) -> int:
         print(f"Note: {note}")
     print(report.summary())
     if report.causal:
-        from .interventions import causal_figure
-
         metric = ("next-character accuracy on steps nested at depth >= 3" if args.model is None
                   else "mean |change| of the first output")
-        figure = causal_figure(report.causal, os.path.join(out_dir, "causal.png"))
-        print(f"Causal metric: {metric}. Figure: {pathlib.Path(figure).resolve().as_uri()}")
+        figure = pathlib.Path(out_dir, "causal.png").resolve()  # drawn with the report
+        print(f"Causal metric: {metric}. Figure: {figure.as_uri()}")
     print(f"Report: {pathlib.Path(page).resolve().as_uri()} (and report.json, figures in {out_dir})")
     return EXIT_OK
 

@@ -1048,13 +1048,15 @@ def causal_figure(section: dict, path: str, label: str | None = None) -> str | N
     tracking units' effect against the random draws. Returns the path (None for an empty section)."""
     if not section:
         return None
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    # A Figure on the Agg canvas, not pyplot: writing it neither changes the caller's backend
+    # nor needs a display (as the report's own figures).
     rows = list(section.items())
-    figure, axes = plt.subplots(len(rows), 2, figsize=(10, 3.2 * len(rows)), squeeze=False)
+    figure = Figure(figsize=(10, 3.2 * len(rows)))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(rows), 2, squeeze=False)
     for (prefix, found), (left, right) in zip(rows, axes):
         effects = np.asarray(found["unit_effect"])
         left.bar(np.arange(effects.size), effects, color="#4477aa")
@@ -1077,5 +1079,4 @@ def causal_figure(section: dict, path: str, label: str | None = None) -> str | N
             right.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return path

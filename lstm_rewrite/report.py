@@ -209,10 +209,13 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if abs(value) >= 1e4 else f"{value:.{digits}f}"
 
 
-def unit_columns(layer: "LayerAudit") -> tuple[list[tuple[str, np.ndarray]], list[list[str]]]:
+def unit_columns(layer: "LayerAudit", causal: dict | None = None
+                 ) -> tuple[list[tuple[str, np.ndarray]], list[list[str]]]:
     """The audit table of one layer: (column name, per-unit values) pairs, and each unit's flags.
 
-    The HTML table and the explorer's unit rows both read it, so they cannot disagree.
+    ``causal`` is the report's causal section (``audit(..., causal=True)``): it adds each unit's
+    ablation effect on the metric. The HTML table and the explorer's unit rows both read this,
+    so they cannot disagree.
     """
     columns: list[tuple[str, np.ndarray]] = []
     for quantity in ("c", "h"):
@@ -231,6 +234,9 @@ def unit_columns(layer: "LayerAudit") -> tuple[list[tuple[str, np.ndarray]], lis
     for label, per_q in layer.label_correlation.items():
         for quantity, r in per_q.items():
             columns.append((f"r({quantity}, {label})", r))
+    found = (causal or {}).get(layer.prefix)
+    if found is not None and len(found["unit_effect"]) == layer.units:
+        columns.append(("ablation effect", np.asarray(found["unit_effect"], dtype=float)))
     flags: list[list[str]] = [[] for _ in range(layer.units)]
     for u in layer.dead_units:
         flags[u].append("dead")
@@ -247,7 +253,7 @@ def unit_row_id(prefix: str, unit: int) -> str:
 
 
 def _unit_table(report: "AuditReport", layer: "LayerAudit") -> str:
-    columns, flags = unit_columns(layer)
+    columns, flags = unit_columns(layer, report.causal)
     head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
     rows = []
     for unit in range(layer.units):
@@ -281,7 +287,7 @@ def explorer_data(report: "AuditReport") -> dict:
     layers = []
     shown = 0
     for prefix, layer in report.layers.items():
-        columns, flags = unit_columns(layer)
+        columns, flags = unit_columns(layer, report.causal)
         quantities = [q for q in layer.samples[0]["states"]] if layer.samples else []
         shown = max(shown, len(layer.samples))
         layers.append({
@@ -378,6 +384,11 @@ def write_html(report: "AuditReport", out_dir: str) -> str:
     ]
     for name in figures.get("", []):
         parts.append(f"<img src='{html.escape(name)}' alt='{html.escape(name)}'>")
+    if report.causal:
+        from .interventions import causal_figure
+
+        if causal_figure(report.causal, os.path.join(out_dir, "causal.png")):
+            parts.append("<h2>Causal: what ablating units does</h2><img src='causal.png' alt='causal.png'>")
     for prefix, layer in report.layers.items():
         kind = f" ({html.escape(layer.layer_class)})" if layer.layer_class else ""
         parts.append(f"<h2>{html.escape(prefix)}{kind}</h2>")

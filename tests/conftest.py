@@ -67,12 +67,19 @@ def weights_checksum(model) -> str:
     return digest.hexdigest()
 
 
+def to_numpy(value):
+    """A tensor of any backend as a NumPy array (a torch tensor that requires grad is detached)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+    return np.asarray(value)
+
+
 def as_list(outputs):
     if isinstance(outputs, dict):
-        return [np.asarray(v) for v in outputs.values()]
+        return [to_numpy(v) for v in outputs.values()]
     if isinstance(outputs, (list, tuple)):
-        return [np.asarray(o) for o in outputs]
-    return [np.asarray(outputs)]
+        return [to_numpy(o) for o in outputs]
+    return [to_numpy(outputs)]
 
 
 def run(model, x):

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 import reference
+from conftest import to_numpy
 from lstm_rewrite.capture import CellStates
 from lstm_rewrite.cli import main
 from lstm_rewrite.loading import load_model
@@ -138,8 +139,8 @@ def test_expose_writes_a_verified_model(flavour, files, capsys, tmp_path):
     assert list(traced.output_names) == ["next", "encoder.c", "encoder.h"]
     x = files["x"]
     outputs = traced(x, training=False)
-    np.testing.assert_allclose(np.asarray(outputs[0]), np.asarray(model(x)), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(outputs[1]), reference_c(model, x, flavour), atol=1e-5)
+    np.testing.assert_allclose(to_numpy(outputs[0]), to_numpy(model(x)), atol=1e-5)
+    np.testing.assert_allclose(to_numpy(outputs[1]), reference_c(model, x, flavour), atol=1e-5)
 
 
 def test_states_with_lstmvis(flavour, files, capsys, tmp_path):

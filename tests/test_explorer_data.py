@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import reference_lstm
+from conftest import reference_lstm, to_numpy
 
 from lstm_rewrite import InvalidArgumentError, audit
 from lstm_rewrite.audit import EXPLORER_SEQUENCES
@@ -51,7 +51,7 @@ def test_the_sample_holds_every_state_in_input_time(flavour):
     np.testing.assert_allclose(np.array(data["labels"]["depth"], dtype=float), depth[:EXPLORER_SEQUENCES])
 
     mask = x != 0
-    embedded = np.asarray(model.get_layer("emb")(x))
+    embedded = to_numpy(model.get_layer("emb")(x))
     enc = reference_lstm(model.get_layer("enc"), embedded, flavour.name, mask=mask)
     back = reference_lstm(model.get_layer("back"), enc["output"], flavour.name, mask=mask)
     # The reference gives a go_backwards layer's states in processing order: flip to input time.

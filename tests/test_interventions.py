@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import Untouched, activation_name, lstm_weights, outputs_by_name, reference_lstm, run
+from conftest import Untouched, activation_name, lstm_weights, outputs_by_name, reference_lstm, run, to_numpy
 
 from lstm_rewrite import InvalidArgumentError
 from lstm_rewrite.interventions import (
@@ -228,7 +228,7 @@ def test_bidirectional_over_masked_embedding(flavour):
                                Scale("bi.backward.h", units=[1], steps=[0, 3], factor=-2.0)],
                        states=("c", "h"))
     named = outputs_by_name(edited, ids)
-    embedded = np.asarray(embedding(ids))
+    embedded = to_numpy(embedding(ids))
     forward = reference_lstm(bi.forward_layer, embedded, flavour.name, mask=mask, interventions=[
         {"quantity": "c", "units": [0, 2], "steps": steps_from(3, T, 1), "kind": "ablate", "value": 0.0}])
     backward = reference_lstm(bi.backward_layer, embedded, flavour.name, mask=mask, interventions=[
@@ -456,7 +456,7 @@ def test_cli_intervene_on_the_demo_model(capsys, tmp_path):
     assert "TARGET[:UNITS][@STEPS]" in capsys.readouterr().err
 
 
-def test_audit_causal_section(flavour):
+def test_audit_causal_section(flavour, tmp_path):
     from lstm_rewrite import audit
     from lstm_rewrite.demo import demo_data, load_demo_model, next_char_targets
     from lstm_rewrite.interventions import accuracy_metric
@@ -487,6 +487,15 @@ def test_audit_causal_section(flavour):
     assert row["effect"] == pytest.approx(float(effect), abs=1e-6)
     assert "Causal 'depth'" in report.summary()
     json.dumps(report.to_dict(), allow_nan=False)
+    # The report shows each unit's effect in its audit table and the explorer's unit rows, and the figure.
+    from lstm_rewrite.report import explorer_data
+
+    (layer,) = explorer_data(report)["layers"]
+    column = layer["columns"].index("ablation effect")
+    np.testing.assert_allclose([row[column] for row in layer["rows"]], section["unit_effect"], atol=1e-5)
+    page = open(report.to_html(tmp_path / "report"), encoding="utf-8").read()
+    assert "<th>ablation effect</th>" in page and "src='causal.png'" in page
+    assert (tmp_path / "report" / "causal.png").stat().st_size > 0
 
 
 def test_cli_audit_causal_on_the_demo(capsys, tmp_path):

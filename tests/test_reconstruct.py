@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import Untouched, assert_states_match, outputs_by_name, reference_lstm, run
+from conftest import Untouched, assert_states_match, outputs_by_name, reference_lstm, run, to_numpy
 
 from lstm_rewrite import expose_cell_states
 from lstm_rewrite.errors import InvalidArgumentError
@@ -109,7 +109,7 @@ def test_bidirectional_embedding(flavour, merge_mode):
     assert reconstructed_layers(traced) == ["ReconstructedBidirectional"]
     named = outputs_by_name(traced, ids)
     np.testing.assert_allclose(named["tagger"], guard.outputs[0], atol=1e-5)
-    embedded, mask = np.asarray(embedding(ids)), ids != 0
+    embedded, mask = to_numpy(embedding(ids)), ids != 0
     forward = reference_lstm(bi.forward_layer, embedded, flavour.name, mask=mask)
     backward = reference_lstm(bi.backward_layer, embedded, flavour.name, mask=mask)
     backward = {q: v[:, ::-1] for q, v in backward.items() if v.ndim == 3}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import KERAS_BACKEND, Untouched, activation_name, outputs_by_name, reference_lstm, run
+from conftest import KERAS_BACKEND, Untouched, activation_name, outputs_by_name, reference_lstm, run, to_numpy
 
 from lstm_rewrite import InvalidArgumentError, UnsupportedLayerError, expose_cell_states
 from lstm_rewrite.rewrite import plan_rewrite
@@ -208,7 +208,7 @@ def test_bidirectional_gru_masked(flavour):
     assert traced.output_names == ["tagger", *[f"bi.forward.{q}" for q in GRU_ALL],
                                    *[f"bi.backward.{q}" for q in GRU_ALL], "bi.forward.mask", "bi.backward.mask"]
     named = outputs_by_name(traced, ids)
-    embedded, mask = np.asarray(embedding(ids)), ids != 0
+    embedded, mask = to_numpy(embedding(ids)), ids != 0
     assert_match(named, "bi.forward", reference_gru(bi.forward_layer, embedded, flavour.name, mask=mask), GRU_ALL)
     backward = reference_gru(bi.backward_layer, embedded, flavour.name, mask=mask)
     assert_match(named, "bi.backward", backward_aligned(backward), GRU_ALL)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from conftest import Untouched, assert_states_match, outputs_by_name, reference_lstm, run
+from conftest import Untouched, assert_states_match, outputs_by_name, reference_lstm, run, to_numpy
 
 import lstm_rewrite  # noqa: F401  (registers the traced layers for deserialization)
 from lstm_rewrite import expose_cell_states
@@ -48,7 +48,7 @@ def check_round_trip(keras, flavour_name, tmp_path, suffix):
     for want, got in zip(before, run(reloaded, x)):
         np.testing.assert_allclose(got, want, atol=1e-6)
     named = outputs_by_name(reloaded, x)
-    embedded = np.asarray(model.get_layer("embedding")(x))
+    embedded = to_numpy(model.get_layer("embedding")(x))
     expected = reference_lstm(model.get_layer("encoder"), embedded, flavour_name, mask=x != 0)
     np.testing.assert_allclose(named["encoder.c"], expected["c"], atol=1e-5)
     guard.check()
@@ -78,7 +78,7 @@ def test_traced_models_saved_by_0_1_0_still_load(flavour):
 
     named = outputs_by_name(traced, ids)
     np.testing.assert_allclose(named["tags"], run(original, ids)[0], atol=1e-5)
-    embedded, mask = np.asarray(original.get_layer("embedding")(ids)), ids != 0
+    embedded, mask = to_numpy(original.get_layer("embedding")(ids)), ids != 0
     encoder = reference_lstm(original.get_layer("encoder"), embedded, flavour.name, mask=mask)
     assert_states_match(named, "encoder", encoder, GATES)
     bi = original.get_layer("bi")
