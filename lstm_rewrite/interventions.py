@@ -820,21 +820,8 @@ def unit_importance(model, data, metric: Callable, target: str | None = None, *,
         >>> result.effect.argmin()   # the unit whose ablation hurts accuracy most
     """
     target = target or _default_target(model)
-    arrays = _as_list(data)
-    mean_source = data if mean_data is None else mean_data
-    edited = intervene(model, [Ablate(target, units="mask", steps=steps, value=value)], verify=False,
-                       data=mean_source if isinstance(value, str) and value == "mean" else None)
-    entry, _ = _record_of(edited).targets[0]
-    units, count, time = entry.units, arrays[0].shape[0], arrays[0].shape[1]
-
-    def channels(chosen):
-        masks = np.zeros((len(chosen), count, time, units), "float32")
-        for j, v in enumerate(chosen):
-            if v > 0:
-                masks[j, :, :, v - 1] = 1.0
-        return {"edit0.units": masks}
-
-    values = _run_variants(edited, arrays, channels, units + 1, targets, metric, max_rows)
+    values, units = _ablate_sets(model, data, metric, target, lambda units: [[u] for u in range(units)],
+                                 value=value, steps=steps, targets=targets, mean_data=mean_data, max_rows=max_rows)
     return SweepResult(values[1:], ("unit",), {"unit": np.arange(units)}, values[0], target, "ablate", units + 1)
 
 
@@ -962,21 +949,30 @@ def ablate_unit_sets(model, data, metric: Callable, target: str, unit_sets: Sequ
     Example:
         >>> baseline, tracking, *random = ablate_unit_sets(model, x, metric, "lstm.c", [[11], [3], [7]])
     """
+    values, _ = _ablate_sets(model, data, metric, target, lambda units: unit_sets, value=value, steps=steps,
+                             targets=targets, mean_data=mean_data, max_rows=max_rows)
+    return values
+
+
+def _ablate_sets(model, data, metric, target, choose, *, value, steps, targets, mean_data, max_rows):
+    """``([baseline, set 0, set 1, ...], units)``: one intervened model whose call-time unit mask
+    ablates each set of ``choose(units)`` in its own rows of the same batches."""
     arrays = _as_list(data)
+    mean_source = data if mean_data is None else mean_data
     edited = intervene(model, [Ablate(target, units="mask", steps=steps, value=value)], verify=False,
-                       data=(data if mean_data is None else mean_data) if isinstance(value, str) and value == "mean"
-                       else None)
+                       data=mean_source if isinstance(value, str) and value == "mean" else None)
     entry, _ = _record_of(edited).targets[0]
     units, count, time = entry.units, arrays[0].shape[0], arrays[0].shape[1]
+    unit_sets = [list(chosen) for chosen in choose(units)]
 
     def channels(chosen):
         masks = np.zeros((len(chosen), count, time, units), "float32")
         for j, v in enumerate(chosen):
             if v > 0:
-                masks[j, :, :, list(unit_sets[v - 1])] = 1.0
+                masks[j, :, :, unit_sets[v - 1]] = 1.0
         return {"edit0.units": masks}
 
-    return _run_variants(edited, arrays, channels, len(unit_sets) + 1, targets, metric, max_rows)
+    return _run_variants(edited, arrays, channels, len(unit_sets) + 1, targets, metric, max_rows), units
 
 
 def causal_section(model, data, report, metric: Callable, *, targets=None, draws: int = 5, seed: int = 0,

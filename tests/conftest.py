@@ -106,11 +106,15 @@ class Untouched:
             np.testing.assert_array_equal(before, after)
 
 
-def lstm_weights(layer):
-    """(kernel, recurrent_kernel, bias or None) of an LSTM layer, as NumPy arrays."""
-    cell = layer.cell
+def cell_weights(cell):
+    """(kernel, recurrent_kernel, bias or None) of a recurrent cell, as NumPy arrays."""
     bias = np.asarray(cell.bias.numpy()) if cell.use_bias else None
     return np.asarray(cell.kernel.numpy()), np.asarray(cell.recurrent_kernel.numpy()), bias
+
+
+def lstm_weights(layer):
+    """(kernel, recurrent_kernel, bias or None) of an LSTM layer, as NumPy arrays."""
+    return cell_weights(layer.cell)
 
 
 def activation_name(fn):
@@ -129,6 +133,25 @@ def reference_lstm(layer, x, flavour_name, **kwargs):
         recurrent_activation=activation_name(layer.cell.recurrent_activation),
         go_backwards=layer.go_backwards, flavour=flavour_name, **kwargs,
     )
+
+
+def reference_gru(layer, x, flavour_name, **kwargs):
+    """tests/reference.py's GRU with the weights of ``layer`` (a GRU or an RNN over a GRUCell)."""
+    from reference import gru
+
+    cell = layer.cell
+    return gru(x, *cell_weights(cell), reset_after=cell.reset_after, go_backwards=layer.go_backwards,
+               activation=activation_name(cell.activation),
+               recurrent_activation=activation_name(cell.recurrent_activation), flavour=flavour_name, **kwargs)
+
+
+def reference_simple_rnn(layer, x, flavour_name, **kwargs):
+    """tests/reference.py's SimpleRNN with the weights of ``layer``."""
+    from reference import simple_rnn
+
+    cell = layer.cell
+    return simple_rnn(x, *cell_weights(cell), go_backwards=layer.go_backwards,
+                      activation=activation_name(cell.activation), flavour=flavour_name, **kwargs)
 
 
 def outputs_by_name(traced, x):

@@ -12,7 +12,15 @@ import json
 
 import numpy as np
 import pytest
-from conftest import Untouched, activation_name, lstm_weights, outputs_by_name, reference_lstm, run, to_numpy
+from conftest import (
+    Untouched,
+    outputs_by_name,
+    reference_gru,
+    reference_lstm,
+    reference_simple_rnn,
+    run,
+    to_numpy,
+)
 
 from lstm_rewrite import InvalidArgumentError
 from lstm_rewrite.interventions import (
@@ -46,28 +54,6 @@ def steps_at(batch, time, *at):
     m = np.zeros((batch, time), bool)
     m[:, list(at)] = True
     return m
-
-
-def cell_weights(cell):
-    bias = np.asarray(cell.bias.numpy()) if cell.use_bias else None
-    return np.asarray(cell.kernel.numpy()), np.asarray(cell.recurrent_kernel.numpy()), bias
-
-
-def reference_gru(layer, x, flavour_name, **kwargs):
-    from reference import gru
-
-    cell = layer.cell
-    return gru(x, *cell_weights(cell), reset_after=cell.reset_after, go_backwards=layer.go_backwards,
-               activation=activation_name(cell.activation),
-               recurrent_activation=activation_name(cell.recurrent_activation), flavour=flavour_name, **kwargs)
-
-
-def reference_simple_rnn(layer, x, flavour_name, **kwargs):
-    from reference import simple_rnn
-
-    cell = layer.cell
-    return simple_rnn(x, *cell_weights(cell), go_backwards=layer.go_backwards,
-                      activation=activation_name(cell.activation), flavour=flavour_name, **kwargs)
 
 
 def assert_close(got, want, what, atol=2e-5):

@@ -10,7 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import KERAS_BACKEND, Untouched, activation_name, outputs_by_name, reference_lstm, run, to_numpy
+from conftest import (
+    KERAS_BACKEND,
+    Untouched,
+    activation_name,
+    cell_weights,
+    outputs_by_name,
+    reference_gru,
+    reference_lstm,
+    reference_simple_rnn,
+    run,
+    to_numpy,
+)
 
 from lstm_rewrite import InvalidArgumentError, UnsupportedLayerError, expose_cell_states
 from lstm_rewrite.rewrite import plan_rewrite
@@ -29,29 +40,6 @@ def token_batch(batch=3, time=6, vocab=10):
     ids[1, time - 2:] = 0  # trailing padding
     ids[2, :2] = 0  # leading padding: the states before the first valid step
     return ids
-
-
-def cell_weights(cell):
-    bias = np.asarray(cell.bias.numpy()) if cell.use_bias else None
-    return np.asarray(cell.kernel.numpy()), np.asarray(cell.recurrent_kernel.numpy()), bias
-
-
-def reference_gru(layer, x, flavour_name, **kwargs):
-    """tests/reference.py's GRU with the weights of ``layer`` (a GRU or an RNN over a GRUCell)."""
-    from reference import gru
-
-    cell = layer.cell
-    return gru(x, *cell_weights(cell), reset_after=cell.reset_after, go_backwards=layer.go_backwards,
-               activation=activation_name(cell.activation),
-               recurrent_activation=activation_name(cell.recurrent_activation), flavour=flavour_name, **kwargs)
-
-
-def reference_simple_rnn(layer, x, flavour_name, **kwargs):
-    from reference import simple_rnn
-
-    cell = layer.cell
-    return simple_rnn(x, *cell_weights(cell), go_backwards=layer.go_backwards,
-                      activation=activation_name(cell.activation), flavour=flavour_name, **kwargs)
 
 
 def reference_conv_lstm2d(layer, x, flavour_name, **kwargs):
