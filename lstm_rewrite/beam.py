@@ -24,7 +24,6 @@ TensorFlow, and would bypass the safe loader.
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import os
 import re
@@ -45,6 +44,7 @@ except ImportError as _error:  # pragma: no cover - the extra is missing
         f"Received: {_error}"
     ) from _error
 
+from . import backends
 from .audit import (
     EXPLORER_SEQUENCES,
     AuditReport,
@@ -236,27 +236,8 @@ def _feature_values(feature, name: str, entry: dict, where: str) -> np.ndarray:
 
 def _tfrecord_examples(index: int, path: str, label_keys: Sequence[str],
                        spec: dict[str, dict]) -> Iterator[Example]:
-    # TensorFlow's reader (a dependency already) checks the records' CRCs without Beam's
-    # [tfrecord] extra, and reads gs:// paths itself.
-    import tensorflow as tf
-
-    compression = "GZIP" if path.lower().endswith(".gz") else ""
-    records = iter(tf.data.TFRecordDataset(path, compression_type=compression).as_numpy_iterator())
-    for row in itertools.count():
-        try:
-            record = next(records)
-        except StopIteration:
-            return
-        except tf.errors.OpError as exc:  # a truncated or corrupt file
-            raise DataError(f"Cannot read record {row} of the TFRecord file {path!r} ({type(exc).__name__}: "
-                            f"{exc.message}). Pass TFRecord files of serialized tf.train.Example. "
-                            f"Received: {path!r}") from None
+    for row, features in enumerate(backends.read_tfrecord(path)):
         where = f"in {path!r} record {row}"
-        try:
-            features = tf.train.Example.FromString(record).features.feature
-        except Exception as exc:  # a DecodeError: not a serialized tf.train.Example
-            raise DataError(f"Record {row} of {path!r} is not a serialized tf.train.Example ({exc}). "
-                            f"Write the TFRecord from tf.train.Example protos. Received: {len(record)} bytes") from None
         missing = [n for n in spec if n not in features]
         if missing:
             raise DataError(f"Record {row} of {path!r} lacks feature(s) {missing} of the feature spec; "
@@ -402,8 +383,8 @@ class StatesModelHandler(ModelHandler):
         self.batch_size = batch_size
 
     def load_model(self) -> _LoadedModel:
-        from .backends import flavour_of
-        from .capture import _exposed_info, _runner, _trace, input_specs
+        from .capture import _exposed_info, _runner, _trace
+        from .inputs import input_specs
         from .loading import load_model
         from .record import record_of
 
@@ -434,13 +415,13 @@ class StatesModelHandler(ModelHandler):
             config={"states": list(dict.fromkeys(e.quantity for e in exposed)),
                     "layers": layers if layers is None or isinstance(layers, str) else list(layers),
                     "batch_size": int(self.batch_size), "model": getattr(traced, "name", None),
-                    "flavour": flavour_of(traced)},
+                    "flavour": backends.flavour_of(traced)},
         )
         return _LoadedModel(run, input_specs(traced), state_names, masks, meta)
 
     def run_inference(self, batch: Sequence[Example], model: _LoadedModel,
                       inference_args: dict | None = None) -> Iterable[ExampleStates]:
-        from .capture import validate_batch
+        from .inputs import validate_batch
 
         names = [s.name for s in model.specs]
         mapped = [_inputs_of(e.arrays, names, e.where) for e in batch]

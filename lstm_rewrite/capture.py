@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError, InvalidArgumentError
+from . import backends
+from .errors import DataError, InvalidArgumentError, UnsupportedModelError
+from .inputs import InputSpec, array_rank, input_specs, validate_batch
 from .record import record_of
 
 __all__ = ["StateBatch", "CellStates", "iter_state_batches", "cell_states", "FILE_FORMAT"]
@@ -57,182 +58,23 @@ class StateBatch:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _InputSpec:
-    name: str
-    shape: tuple  # without the batch dimension; None = any size
-    dtype: np.dtype
-
-
-def input_specs(model) -> list[_InputSpec]:
-    """Name, per-sequence shape and dtype of each of ``model``'s inputs, in order.
-
-    Example:
-        >>> [s.name for s in input_specs(model)]
-        ['tokens']
-    """
-    specs = []
-    for tensor in model.inputs:
-        shape = tuple(None if d is None else int(d) for d in tuple(tensor.shape)[1:])
-        # tf-keras gives a tf.DType, Keras 3 a name: read either without importing TensorFlow,
-        # which a Keras 3 model on another backend does not have.
-        dtype = np.dtype(getattr(tensor.dtype, "as_numpy_dtype", tensor.dtype))
-        name = str(tensor.name).split(":")[0]
-        specs.append(_InputSpec(name, shape, dtype))
-    return specs
-
-
-def _describe(value) -> str:
-    if isinstance(value, np.ndarray):
-        return f"array of shape {value.shape} and dtype {value.dtype}"
-    return f"{type(value).__name__}"
-
-
-def _expected(specs: Sequence[_InputSpec]) -> str:
-    return ", ".join(f"{s.name!r} (batch, {', '.join('?' if d is None else str(d) for d in s.shape)}) {s.dtype}"
-                     for s in specs)
-
-
-def _structure_to_dict(batch, specs: Sequence[_InputSpec], where: str) -> dict[str, Any]:
-    """Map one batch (array, list/tuple of arrays, dict by input name) onto the model's inputs."""
-    names = [s.name for s in specs]
-    if isinstance(batch, Mapping):
-        unknown = [k for k in batch if k not in names]
-        missing = [n for n in names if n not in batch]
-        if unknown or missing:
-            raise DataError(
-                f"The data {where} is a dict whose keys do not match the model's inputs: missing "
-                f"{missing}, unknown {unknown}. Use the input names as keys: {names}. "
-                f"Received keys: {list(batch)}"
-            )
-        return {n: batch[n] for n in names}
-    if isinstance(batch, (list, tuple)) and len(specs) == 1 and not (
-            len(batch) == 1 and _rank(batch[0]) == len(specs[0].shape) + 1):
-        # A single-input model given nested lists: read them as one array.
-        return {names[0]: batch}
-    if isinstance(batch, (list, tuple)):
-        if len(batch) != len(specs):
-            raise DataError(
-                f"The model takes {len(specs)} input(s) ({_expected(specs)}) but the data {where} holds "
-                f"{len(batch)} array(s). Pass one array per input, in this order, or a dict keyed by "
-                f"input name. Received: {[_describe(np.asarray(b)) for b in batch]}"
-            )
-        return dict(zip(names, batch))
-    if len(specs) != 1:
-        raise DataError(
-            f"The model takes {len(specs)} inputs ({_expected(specs)}) but the data {where} is a single "
-            f"{_describe(batch)}. Pass a list of arrays in this order or a dict keyed by input name."
-        )
-    return {names[0]: batch}
-
-
-def _check_array(name: str, value, spec: _InputSpec, where: str) -> np.ndarray:
-    """Validate one input array (shape, dtype, finiteness) and cast it to the model's input dtype."""
-    if isinstance(value, (str, bytes, os.PathLike)):
-        raise DataError(
-            f"Input {name!r} {where} is a file name, not an array: load it first (np.load(path) for .npy, "
-            f"np.load(path)[key] for .npz). Received: {value!r:.200}"
-        )
-    try:
-        array = np.asarray(value)
-    except Exception as exc:  # ragged lists and the like
-        raise DataError(
-            f"Input {name!r} {where} cannot be read as one array ({exc}). Pad the sequences to a common "
-            f"length first. Received: {type(value).__name__}"
-        ) from None
-    expected_rank = len(spec.shape) + 1
-    if array.dtype.kind not in "biuf":
-        raise DataError(
-            f"Input {name!r} {where} has dtype {array.dtype}; the model expects numbers ({spec.dtype}). "
-            f"Convert text to token ids first. Received: {_describe(array)}"
-        )
-    if array.ndim != expected_rank:
-        raise DataError(
-            f"Input {name!r} {where} has {array.ndim} dimension(s); the model expects {expected_rank} "
-            f"(batch, {', '.join('?' if d is None else str(d) for d in spec.shape)}). Check that the "
-            f"data is not missing or carrying an extra axis. Received: {_describe(array)}"
-        )
-    for axis, (want, got) in enumerate(zip(spec.shape, array.shape[1:]), start=1):
-        if want is not None and want != got:
-            raise DataError(
-                f"Input {name!r} {where} has size {got} on axis {axis}; the model expects {want}. "
-                f"Expected (batch, {', '.join('?' if d is None else str(d) for d in spec.shape)}). "
-                f"Received: {_describe(array)}"
-            )
-    if array.size == 0:
-        raise DataError(
-            f"Input {name!r} {where} is empty: pass at least one sequence of at least one step. "
-            f"Received: {_describe(array)}"
-        )
-    if array.dtype.kind == "f":
-        finite = np.isfinite(array)
-        if not finite.all():
-            bad = tuple(int(i) for i in np.argwhere(~finite)[0])
-            raise DataError(
-                f"Input {name!r} {where} contains NaN or Inf (first at index {bad}). Clean or impute "
-                f"the data first: a NaN input makes every state after it NaN, and NaN outputs would "
-                f"\"agree\" in a comparison. Received: {_describe(array)}"
-            )
-        if spec.dtype.kind in "iub" and not np.array_equal(array, np.round(array)):
-            raise DataError(
-                f"Input {name!r} {where} holds fractional values but the model expects integer ids "
-                f"({spec.dtype}). Pass token ids, not embeddings or probabilities. "
-                f"Received: {_describe(array)}"
-            )
-    return array.astype(spec.dtype, copy=False)
-
-
-def validate_batch(batch, specs: Sequence[_InputSpec], where: str) -> dict[str, np.ndarray]:
-    """Check one batch against ``specs`` (count, rank, sizes, dtype, empty, NaN/Inf) and return
-    ``{input name: array}`` in the model's dtypes; ``where`` places the data in messages.
-
-    Raises:
-        DataError: naming the input, what was expected and what was received.
-    """
-    arrays = _structure_to_dict(batch, specs, where)
-    checked = {s.name: _check_array(s.name, arrays[s.name], s, where) for s in specs}
-    sizes = {n: a.shape[0] for n, a in checked.items()}
-    if len(set(sizes.values())) > 1:
-        raise DataError(
-            f"The inputs {where} hold different numbers of sequences: {sizes}. Every input needs one "
-            f"row per sequence."
-        )
-    return checked
-
-
-def _is_dataset(data) -> bool:
-    # A tf.data.Dataset exists only once TensorFlow is imported: no import for the others (JAX).
-    tf = sys.modules.get("tensorflow")
-    return tf is not None and isinstance(data, tf.data.Dataset)
-
-
-def _split_inputs(element, specs: Sequence[_InputSpec]):
+def _split_inputs(element, specs: Sequence[InputSpec]):
     """Drop targets from a Keras-style ``(x, y)`` or ``(x, y, sample_weight)`` element."""
     if isinstance(element, tuple) and len(element) in (2, 3) and not (
-        len(specs) == len(element) and all(_rank(e) == len(s.shape) + 1 or _rank(e) == len(s.shape)
+        len(specs) == len(element) and all(array_rank(e) == len(s.shape) + 1 or array_rank(e) == len(s.shape)
                                            for e, s in zip(element, specs))
     ):
         return element[0]
     return element
 
 
-def _rank(value) -> int | None:
-    shape = getattr(value, "shape", None)
-    if shape is None:
-        return None
-    try:
-        return len(shape)
-    except TypeError:  # unknown rank
-        return None
-
-
-def _dataset_is_batched(dataset, specs: Sequence[_InputSpec]) -> bool:
-    spec = _split_inputs(dataset.element_spec, specs)
+def _dataset_is_batched(element_spec, specs: Sequence[InputSpec]) -> bool:
+    spec = _split_inputs(element_spec, specs)
     first = spec if not isinstance(spec, (Mapping, list, tuple)) else (
         next(iter(spec.values())) if isinstance(spec, Mapping) else spec[0])
     name = specs[0].name if isinstance(spec, Mapping) else None
     ref = next((s for s in specs if s.name == name), specs[0])
-    rank = _rank(first)
+    rank = array_rank(first)
     if rank == len(ref.shape) + 1:
         return True
     if rank == len(ref.shape):
@@ -240,21 +82,23 @@ def _dataset_is_batched(dataset, specs: Sequence[_InputSpec]) -> bool:
     raise DataError(
         f"The tf.data.Dataset yields elements of rank {rank} for input {ref.name!r}; the model expects "
         f"rank {len(ref.shape)} per sequence or {len(ref.shape) + 1} per batch. "
-        f"Received element_spec: {dataset.element_spec}"
+        f"Received element_spec: {element_spec}"
     )
 
 
 class _Batches:
-    """Iterable over validated batches ``{input name: array}``, with a length when it is known."""
+    """Iterable over validated batches ``{input name: array}``, with a length when it is known.
 
-    def __init__(self, data, specs: Sequence[_InputSpec], batch_size: int):
+    ``backend`` (of the model's flavour) reads a ``tf.data.Dataset``; every other form is NumPy's.
+    """
+
+    def __init__(self, data, specs: Sequence[InputSpec], batch_size: int, backend):
         self.specs = specs
         self.total: int | None = None  # number of sequences, when known up front
-        if _is_dataset(data):
-            dataset = data if _dataset_is_batched(data, specs) else data.batch(batch_size)
-            cardinality = int(dataset.cardinality())
-            self._batches = None if cardinality < 0 else cardinality
-            self._source = lambda: (_split_inputs(e, specs) for e in dataset.as_numpy_iterator())
+        if backend.is_dataset(data):
+            self._batches, elements = backend.dataset_batches(
+                data, batch_size, lambda element_spec: _dataset_is_batched(element_spec, specs))
+            self._source = lambda: (_split_inputs(e, specs) for e in elements())
             self._kind = "batch"
         elif isinstance(data, (np.ndarray, Mapping, list, tuple, str, bytes, os.PathLike)) or hasattr(data, "__array__"):
             arrays = validate_batch(data, specs, "passed as data")
@@ -354,7 +198,7 @@ def _trace(model_or_traced, states, layers):
         traced = model_or_traced
         exposed = _select_exposed(record, states, layers)
     else:
-        from . import expose_cell_states
+        from .api import expose_cell_states
 
         traced = expose_cell_states(
             model_or_traced,
@@ -385,9 +229,6 @@ def _by_prefix(mapping: Mapping[str, Any], layer: str):
 
 def _runner(traced, output_names: list[str]) -> Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]:
     """A compiled function from ``{input name: array}`` to the named outputs, in that order."""
-    from . import backends
-    from .backends import flavour_of, keras_module
-
     all_names = list(traced.output_names)
     missing = [n for n in output_names if n not in all_names]
     if missing:
@@ -396,10 +237,11 @@ def _runner(traced, output_names: list[str]) -> Callable[[Mapping[str, np.ndarra
             f"reloaded or edited after tracing? Trace the original model again."
         )
     outputs = [traced.outputs[all_names.index(n)] for n in output_names]
-    sub = keras_module(flavour_of(traced)).Model(traced.inputs, outputs)
+    backend = backends.for_model(traced)
+    sub = backend.make_model(traced.inputs, outputs)
     specs = input_specs(traced)
     input_names = [s.name for s in specs]
-    run = backends.for_model(traced).compiled_predict(sub, [((None, *s.shape), s.dtype) for s in specs])
+    run = backend.compiled_predict(sub, [((None, *s.shape), s.dtype) for s in specs])
 
     def call(arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return run([arrays[n] for n in input_names])
@@ -420,13 +262,14 @@ def _iter(model_or_traced, data, states, layers, batch_size, progress):
     # Validate the data against the model's own inputs before paying for the rewrite.
     try:
         specs = input_specs(model_or_traced)
-    except (AttributeError, ValueError, TypeError):
+        backend = backends.for_model(model_or_traced)
+    except (AttributeError, ValueError, TypeError, UnsupportedModelError):
         specs = None  # unbuilt or unusual model: the rewrite explains what is wrong with it
-    batches = None if specs is None else _Batches(data, specs, int(batch_size))
+    batches = None if specs is None else _Batches(data, specs, int(batch_size), backend)
     traced, exposed, masks, reversed_layers = _trace(model_or_traced, states, layers)
     if batches is None:
         specs = input_specs(traced)
-        batches = _Batches(data, specs, int(batch_size))
+        batches = _Batches(data, specs, int(batch_size), backends.for_model(traced))
     state_names = [e.name for e in exposed]
     mask_names = [m for m in dict.fromkeys(masks.values()) if m is not None]
     run = _runner(traced, state_names + mask_names)
@@ -864,14 +707,12 @@ def cell_states(
         for batch, exposed, traced, reversed_layers in _iter(model, data, states, layers, batch_size, progress):
             sink.append(batch)
         info = {e.name: _exposed_info(e, reversed_layers) for e in exposed}
-        from .backends import flavour_of
-
         config = {
             "states": list(dict.fromkeys(e.quantity for e in exposed)),
             "layers": _describe_layers(layers),
             "batch_size": int(batch_size),
             "model": getattr(traced, "name", None),
-            "flavour": flavour_of(traced),
+            "flavour": backends.flavour_of(traced),
         }
         return sink.finish(info, config)
     except OSError as error:

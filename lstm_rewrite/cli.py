@@ -44,7 +44,7 @@ def _load(path: str, unsafe: bool):
 
 
 def _input_names(model) -> list[str]:
-    from .capture import input_specs
+    from .inputs import input_specs
 
     return [s.name for s in input_specs(model)]
 
@@ -140,8 +140,12 @@ def _site_config(layer) -> dict[str, Any]:
 
 
 def _other_recurrent_layers(model, covered: set[int], seen: set[int] | None = None,
-                            prefix: str = "") -> list[tuple[str, str]]:
-    """Recurrent layers (RNN subclasses) that the rewrite's plan does not cover: reported as left alone."""
+                            prefix: str = "", backend=None) -> list[tuple[str, str]]:
+    """Recurrent layers (the backend's ``RNN`` and its subclasses, or wrappers of one) that the
+    rewrite's plan does not cover: reported as left alone."""
+    from . import backends
+
+    backend = backends.for_model(model) if backend is None else backend
     seen = set() if seen is None else seen
     found = []
     for layer in getattr(model, "layers", []):
@@ -150,10 +154,10 @@ def _other_recurrent_layers(model, covered: set[int], seen: set[int] | None = No
         seen.add(id(layer))
         name = f"{prefix}{layer.name}"
         if hasattr(layer, "layers"):
-            found += _other_recurrent_layers(layer, covered, seen, name + ".")
+            found += _other_recurrent_layers(layer, covered, seen, name + ".", backend)
             continue
         inner = getattr(layer, "layer", None) or getattr(layer, "forward_layer", None)
-        if any(k.__name__ == "RNN" for k in type(layer).__mro__ + type(inner).__mro__):
+        if isinstance(layer, backend.RNN) or isinstance(inner, backend.RNN):
             label = type(layer).__name__ + (f"({type(inner).__name__})" if inner is not None else "")
             found.append((name, label))
     return found
@@ -161,7 +165,7 @@ def _other_recurrent_layers(model, covered: set[int], seen: set[int] | None = No
 
 def _file_and_model(info, model) -> dict[str, Any]:
     """What ``inspect`` says of every file: its format and writer, the model's inputs and outputs."""
-    from .capture import input_specs
+    from .inputs import input_specs
 
     return {
         "file": {"path": info.path, "format": info.format, "flavour": info.flavour,
@@ -263,7 +267,8 @@ def _temporary_sibling(path: str) -> str:
 def cmd_expose(args) -> int:
     import numpy as np
 
-    from . import backends, expose_cell_states
+    from . import backends
+    from .api import expose_cell_states
     from .loading import load_model
     from .verify import synthesize_inputs, verify
 
@@ -594,11 +599,27 @@ def cmd_intervene(args) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _help_texts() -> tuple[str, str]:
+    """The help of --states and --layers, read from the table of quantities and the registry."""
+    from .kinds import all_kinds, quantities
+
+    named = ",".join(quantities.ORDER)
+    numbered = f"{quantities.numbered_state(0)},{quantities.numbered_state(1)},..."
+    states = (f"quantities to expose: {named} (each layer exposes those it has), a custom cell's "
+              f"{numbered}, or gates (default: c)")
+    labels = ", ".join(kind.label for kind in all_kinds())
+    layers = f"comma-separated names of the layers to rewrite, each a recurrent layer ({labels}) (default: all)"
+    return states, layers
+
+
+_STATES_HELP, _LAYERS_HELP = _help_texts()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``lstm-rewrite`` argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
         prog="lstm-rewrite",
-        description="Expose, capture and audit the cell states of the LSTMs in a trained Keras model "
+        description="Expose, capture and audit the cell states of the recurrent layers in a trained Keras model "
                     "(.keras or .h5, Keras 3 or tf-keras).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -615,10 +636,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep TensorFlow's own log on stderr (hidden by default, unless TF_CPP_MIN_LOG_LEVEL is set)")
 
     def selection(p):
-        p.add_argument("--states", metavar="LIST", help="quantities to expose: c,h,i,f,g,o or gates (default: c)")
-        p.add_argument("--layers", metavar="LIST", help="comma-separated LSTM layer names (default: all)")
+        p.add_argument("--states", metavar="LIST", help=_STATES_HELP)
+        p.add_argument("--layers", metavar="LIST", help=_LAYERS_HELP)
 
-    p = sub.add_parser("inspect", help="list the LSTM calls and the outputs the rewrite would add")
+    p = sub.add_parser("inspect", help="list the recurrent calls and the outputs the rewrite would add")
     common(p)
     selection(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -648,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --beam and TFRecord data: JSON name -> {dtype, shape} of the features to read")
     p.set_defaults(run=cmd_states)
 
-    p = sub.add_parser("audit", help="audit every LSTM unit and write an HTML/JSON report")
+    p = sub.add_parser("audit", help="audit every recurrent unit and write an HTML/JSON report")
     common(p, model_optional=True)
     p.add_argument("--data", metavar="FILE", help=".npy or .npz; default: synthesized inputs (noted in the report)")
     p.add_argument("--labels", metavar="FILE", help=".npy (one label) or .npz (one label per key), shaped (sequences, time)")
@@ -717,9 +738,7 @@ def _quiet_tensorflow() -> None:
     from . import backends
 
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    if "tensorflow" not in sys.modules:
-        with _stderr_to_devnull():
-            backends.import_tensorflow()
+    backends.import_tensorflow(while_loading=_stderr_to_devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -88,15 +88,13 @@ def load_demo_model(flavour: str = "keras3"):
         >>> model.get_layer("lstm").units
         16
     """
+    from . import backends
+
     if flavour == "keras3":
-        import keras
-
-        return keras.saving.load_model(demo_model_path(), compile=False)
+        return backends.keras_module("keras3").saving.load_model(demo_model_path(), compile=False)
     if flavour == "tfkeras":
-        import tf_keras
-
         source = load_demo_model("keras3")
-        model = _build_brackets(tf_keras, source)
+        model = _build_brackets(backends.keras_module("tfkeras"), source)
         for name in ("embed", "lstm", "next_char"):
             model.get_layer(name).set_weights(source.get_layer(name).get_weights())
         return model

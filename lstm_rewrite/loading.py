@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import backends
 from .errors import ModelFileError, UnsafeModelError
 
 __all__ = ["ModelFileInfo", "inspect_model_file", "find_unsafe_layers", "load_model"]
@@ -300,12 +301,6 @@ def _custom_classes(config) -> list[str]:
     return found
 
 
-def _keras_module(flavour: str):
-    from .backends import keras_module
-
-    return keras_module(flavour)
-
-
 def load_model(path: str | os.PathLike, *, safe: bool = True, custom_objects: dict | None = None):
     """Load a ``.keras`` or ``.h5`` model with the Keras flavour that wrote it, refusing embedded code.
 
@@ -342,7 +337,7 @@ def load_model(path: str | os.PathLike, *, safe: bool = True, custom_objects: di
                 f"line); otherwise rebuild the model in code and load only its weights. "
                 f"Received: {path!r}"
             )
-    keras_mod = _keras_module(info.flavour)
+    backend = backends.get(info.flavour)
     suffix = ".keras" if info.format == "keras" else ".h5"
     tmpdir = None
     load_path = path
@@ -355,14 +350,11 @@ def load_model(path: str | os.PathLike, *, safe: bool = True, custom_objects: di
         except OSError:
             shutil.copyfile(path, load_path)
     try:
-        model = keras_mod.models.load_model(load_path, custom_objects=custom_objects, compile=False,
-                                            safe_mode=safe)
+        model = backend.load_model_file(load_path, custom_objects=custom_objects, safe_mode=safe)
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        saving = getattr(keras_mod, "saving", None)
-        registered = getattr(saving, "get_registered_object", lambda name: None)
         custom = [c for c in _custom_classes(info.config)
-                  if c not in (custom_objects or {}) and registered(c) is None]
+                  if c not in (custom_objects or {}) and backend.registered_object(c) is None]
         if custom:
             hint = (f"the model uses custom classes {custom}: import the code that defines them, or pass "
                     f"them with custom_objects={{name: class}}")

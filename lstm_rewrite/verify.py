@@ -146,7 +146,7 @@ def checked_inputs(model, inputs):
     Example:
         >>> x = checked_inputs(model, np.zeros((2, 5, 4)))
     """
-    from .capture import input_specs, validate_batch
+    from .inputs import input_specs, validate_batch
 
     specs = input_specs(model)
     arrays = validate_batch(inputs, specs, "passed as sample_inputs")
@@ -159,7 +159,7 @@ def checked_inputs(model, inputs):
             f"layer or a fixed batch_shape), but sample_inputs holds {rows}. Pass {fixed} sequences. "
             f"Received: {[f'{n} {tuple(a.shape)}' for n, a in arrays.items()]}"
         )
-    return _like_input_structure(model, [arrays[spec.name] for spec in specs])
+    return backends.for_model(model).arrange_inputs(model, [arrays[spec.name] for spec in specs])
 
 
 def synthesize_inputs(model, batch_size: int = DEFAULT_BATCH, time_steps: int = DEFAULT_TIME, seed: int = 0):
@@ -214,25 +214,13 @@ def _synthesize(model, batch_size: int = DEFAULT_BATCH, time_steps: int = DEFAUL
                 array[b, shape[1] - min(b, shape[1] - 1):] = pad
         arrays.append(array)
         notes.append(f"{_input_name(tensor)!r} {dtype.name} {tuple(shape)}: {note}")
-    return _like_input_structure(model, arrays), notes
+    return backend.arrange_inputs(model, arrays), notes
 
 
 def _input_name(tensor) -> str:
     history = getattr(tensor, "_keras_history", None)
     operation = getattr(history, "operation", None) or getattr(history, "layer", None)
     return getattr(operation, "name", None) or getattr(tensor, "name", "input")
-
-
-def _like_input_structure(model, arrays):
-    """Arrange flat arrays like the model's own input structure (a Keras 3 model built on a
-    one-element list expects a list; a dict-input model a dict), so that no structure warning fires."""
-    structure = getattr(backends.for_model(model).functional_of(model) or model, "_inputs_struct", None)
-    if isinstance(structure, dict):
-        position = {id(t): k for k, t in enumerate(model.inputs)}
-        return {key: arrays[position[id(t)]] for key, t in structure.items()}
-    if isinstance(structure, (list, tuple)):
-        return list(arrays)
-    return arrays[0] if len(arrays) == 1 else arrays
 
 
 def _consumers(model, tensor, backend, depth: int = 0) -> list:

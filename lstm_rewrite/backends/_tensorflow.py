@@ -1,9 +1,23 @@
-"""What both flavours do the same way where TensorFlow computes: a compiled predict for capture."""
+"""What both flavours do the same way where TensorFlow computes: a compiled predict for capture,
+``tf.data`` input, the TFRecord reader and the GPU check.
+
+Only the backends import this module (it imports TensorFlow): tf-keras always, Keras 3 only on its
+TensorFlow backend or once a ``tf.data.Dataset`` exists, and `backends.read_tfrecord` when a
+TFRecord file is read.
+"""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
 import numpy as np
 import tensorflow as tf
+
+from ..errors import DataError
+
+# --- capture: a compiled predict, tf.data input ------------------------------------------------
 
 
 def tf_function_predict(model, signature):
@@ -24,3 +38,48 @@ def tf_function_predict(model, signature):
         return result if isinstance(result, (list, tuple)) else [result]
 
     return lambda arrays: [np.asarray(t) for t in run(list(arrays))]
+
+
+def is_dataset(data) -> bool:
+    """Whether ``data`` is a ``tf.data.Dataset``."""
+    return isinstance(data, tf.data.Dataset)
+
+
+def dataset_batches(dataset, batch_size: int,
+                    is_batched: Callable[[Any], bool]) -> tuple[int | None, Callable[[], Iterator]]:
+    """A dataset as NumPy batches (see `lstm_rewrite.backends.Backend.dataset_batches`)."""
+    if not is_batched(dataset.element_spec):
+        dataset = dataset.batch(batch_size)
+    cardinality = int(dataset.cardinality())
+    return (None if cardinality < 0 else cardinality), dataset.as_numpy_iterator
+
+
+def read_tfrecord(path: str) -> Iterator[Mapping[str, Any]]:
+    """The features of each ``tf.train.Example`` in a TFRecord file (see `backends.read_tfrecord`)."""
+    # TensorFlow's reader checks the records' CRCs (Beam's would need its [tfrecord] extra) and
+    # reads gs:// paths itself.
+    compression = "GZIP" if path.lower().endswith(".gz") else ""
+    records = iter(tf.data.TFRecordDataset(path, compression_type=compression).as_numpy_iterator())
+    for row in itertools.count():
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except tf.errors.OpError as exc:  # a truncated or corrupt file
+            raise DataError(f"Cannot read record {row} of the TFRecord file {path!r} ({type(exc).__name__}: "
+                            f"{exc.message}). Pass TFRecord files of serialized tf.train.Example. "
+                            f"Received: {path!r}") from None
+        try:
+            features = tf.train.Example.FromString(record).features.feature
+        except Exception as exc:  # a DecodeError: not a serialized tf.train.Example
+            raise DataError(f"Record {row} of {path!r} is not a serialized tf.train.Example ({exc}). "
+                            f"Write the TFRecord from tf.train.Example protos. Received: {len(record)} bytes") from None
+        yield features
+
+
+# --- GPU detection ------------------------------------------------------------------------------
+
+
+def gpu_visible() -> bool:
+    """Whether TensorFlow computes on a GPU."""
+    return bool(tf.config.list_logical_devices("GPU"))

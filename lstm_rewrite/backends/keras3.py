@@ -6,6 +6,8 @@ on each node; masks travel as explicit ``mask=`` keywords produced by operations
 
 from __future__ import annotations
 
+import sys
+
 import keras
 import numpy as np
 from keras import ops
@@ -16,7 +18,6 @@ from keras.src.models.functional import Functional
 from ..cells import define_traced_layers
 from ..record import CarriesRecord
 
-FLAVOUR = "keras3"
 LSTM = keras.layers.LSTM
 LSTMCell = keras.layers.LSTMCell
 GRU = keras.layers.GRU
@@ -128,10 +129,6 @@ def is_model(layer) -> bool:
     return isinstance(layer, keras.Model)
 
 
-def is_input_layer(layer) -> bool:
-    return isinstance(layer, keras.layers.InputLayer)
-
-
 def functional_of(model):
     """The Functional graph behind ``model``, or None when it has none (subclassed, unbuilt)."""
     if isinstance(model, keras.Sequential):
@@ -165,26 +162,24 @@ def output_names(model) -> list[str]:
     return list((functional or model).output_names)
 
 
+def arrange_inputs(model, arrays):
+    """Flat arrays nested like the model's own inputs: a Keras 3 model built on a one-element list
+    expects a list, a dict-input model a dict; anything else warns about the structure."""
+    structure = getattr(functional_of(model) or model, "_inputs_struct", None)
+    if isinstance(structure, dict):
+        position = {id(t): k for k, t in enumerate(model.inputs)}
+        return {key: arrays[position[id(t)]] for key, t in structure.items()}
+    if isinstance(structure, (list, tuple)):
+        return list(arrays)
+    return arrays[0] if len(arrays) == 1 else arrays
+
+
 def make_input(tensor):
     return keras.Input(batch_shape=tuple(tensor.shape), dtype=tensor.dtype, sparse=tensor.sparse, name=tensor.name)
 
 
-def make_model(inputs, outputs, name):
+def make_model(inputs, outputs, name=None):
     return keras.Model(inputs, outputs, name=name)
-
-
-@keras.saving.register_keras_serializable(package="lstm_rewrite", name="TracedModel")
-class TracedModel(CarriesRecord, Functional):
-    """A traced model: functional, with its rewrite record saved in its config."""
-
-
-# A legacy .h5 names the model by its bare class name (keras/src/legacy/saving), not by the
-# registered "lstm_rewrite>TracedModel": register that name too, or such files cannot load.
-keras.saving.get_custom_objects().setdefault("TracedModel", TracedModel)
-
-
-def make_traced_model(inputs, outputs, name):
-    return TracedModel(inputs, outputs, name=name)
 
 
 def recurrent_call(args, kwargs):
@@ -198,11 +193,6 @@ def recurrent_call(args, kwargs):
     if initial_state is not None:
         initial_state = list(flatten(initial_state))
     return inputs, initial_state, mask, kwargs
-
-
-def call_mask(inputs, mask):
-    """The mask the original recurrent call ran with: Keras 3 records it as a keyword."""
-    return mask
 
 
 def call_traced(layer, inputs, initial_state, mask, kwargs):
@@ -221,22 +211,45 @@ def stateful_variables(layer):
     return []
 
 
-def gpu_visible() -> bool:
-    """Whether the Keras 3 backend in use (TensorFlow, torch or JAX) computes on a GPU."""
-    name = keras.backend.backend()
-    if name == "tensorflow":
-        import tensorflow as tf
+# --- saving --------------------------------------------------------------------------------
 
-        return bool(tf.config.list_logical_devices("GPU"))
-    if name == "torch":
-        import torch
 
-        return bool(torch.cuda.is_available())
-    if name == "jax":
-        import jax
+@keras.saving.register_keras_serializable(package="lstm_rewrite", name="TracedModel")
+class TracedModel(CarriesRecord, Functional):
+    """A traced model: functional, with its rewrite record saved in its config."""
 
-        return any(device.platform == "gpu" for device in jax.devices())
-    return False
+
+# A legacy .h5 names the model by its bare class name (keras/src/legacy/saving), not by the
+# registered "lstm_rewrite>TracedModel": register that name too, or such files cannot load.
+keras.saving.get_custom_objects().setdefault("TracedModel", TracedModel)
+
+
+def make_traced_model(inputs, outputs, name):
+    return TracedModel(inputs, outputs, name=name)
+
+
+def load_model_file(path, custom_objects=None, safe_mode=True):
+    return keras.models.load_model(path, custom_objects=custom_objects, compile=False, safe_mode=safe_mode)
+
+
+def registered_object(name):
+    return keras.saving.get_registered_object(name)
+
+
+# --- tensors -------------------------------------------------------------------------------
+
+
+def to_numpy(value):
+    """A tensor or variable of any Keras 3 backend (a CUDA tensor too) as a NumPy array."""
+    return keras.ops.convert_to_numpy(value)
+
+
+def dtype_policy(layer) -> str:
+    """The name of the layer's dtype policy ("float32", "mixed_float16", ...), to give its copies."""
+    return layer.dtype_policy.name
+
+
+# --- capture: a compiled predict, datasets ---------------------------------------------------
 
 
 def compiled_predict(model, signature):
@@ -259,19 +272,38 @@ def compiled_predict(model, signature):
     return call
 
 
-def to_numpy(value):
-    """A tensor or variable of any Keras 3 backend (a CUDA tensor too) as a NumPy array."""
-    return keras.ops.convert_to_numpy(value)
+def is_dataset(data) -> bool:
+    """Whether ``data`` is a ``tf.data.Dataset``, which Keras 3 reads on any of its backends."""
+    # One exists only once TensorFlow is imported: no import for the others (JAX, torch).
+    if "tensorflow" not in sys.modules:
+        return False
+    from ._tensorflow import is_dataset as tensorflow_is_dataset
+
+    return tensorflow_is_dataset(data)
 
 
-def dtype_policy(layer) -> str:
-    """The name of the layer's dtype policy ("float32", "mixed_float16", ...), to give its copies."""
-    return layer.dtype_policy.name
+def dataset_batches(dataset, batch_size, is_batched):
+    from ._tensorflow import dataset_batches as tensorflow_dataset_batches
+
+    return tensorflow_dataset_batches(dataset, batch_size, is_batched)
 
 
-def compute_dtype(layer) -> str:
-    return str(getattr(layer, "compute_dtype", "float32"))
+# --- GPU detection ---------------------------------------------------------------------------
 
 
-def activation_name(fn) -> str:
-    return keras.activations.serialize(fn) if not isinstance(fn, str) else fn
+def gpu_visible() -> bool:
+    """Whether the Keras 3 backend in use (TensorFlow, torch or JAX) computes on a GPU."""
+    name = keras.backend.backend()
+    if name == "tensorflow":
+        from ._tensorflow import gpu_visible as tensorflow_gpu_visible
+
+        return tensorflow_gpu_visible()
+    if name == "torch":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    if name == "jax":
+        import jax
+
+        return any(device.platform == "gpu" for device in jax.devices())
+    return False

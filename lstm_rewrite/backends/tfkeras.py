@@ -18,8 +18,8 @@ from tf_keras.src.engine.functional import Functional
 
 from ..cells import define_traced_layers
 from ..record import CarriesRecord
+from . import _tensorflow
 
-FLAVOUR = "tfkeras"
 LSTM = keras.layers.LSTM
 LSTMCell = keras.layers.LSTMCell
 GRU = keras.layers.GRU
@@ -107,10 +107,6 @@ def is_model(layer) -> bool:
     return isinstance(layer, keras.Model)
 
 
-def is_input_layer(layer) -> bool:
-    return isinstance(layer, keras.layers.InputLayer)
-
-
 def functional_of(model):
     """The model itself when it is a graph network (functional, or Sequential with known input)."""
     if isinstance(model, keras.Model) and getattr(model, "_is_graph_network", False):
@@ -141,6 +137,12 @@ def output_names(model) -> list[str]:
     return list(model.output_names)
 
 
+def arrange_inputs(model, arrays):
+    """Flat arrays as a tf-keras model is called with them: one array, or the list in
+    ``model.inputs`` order (tf-keras does not warn, as Keras 3 does, about a structure unlike the one it was built on)."""
+    return arrays[0] if len(arrays) == 1 else arrays
+
+
 def make_input(tensor):
     return keras.Input(
         batch_shape=tuple(tensor.shape),
@@ -151,29 +153,8 @@ def make_input(tensor):
     )
 
 
-def make_model(inputs, outputs, name):
+def make_model(inputs, outputs, name=None):
     return keras.Model(inputs, outputs, name=name)
-
-
-@keras.saving.register_keras_serializable(package="lstm_rewrite", name="TracedModel")
-class TracedModel(CarriesRecord, Functional):
-    """A traced model: functional, with its rewrite record saved in its config."""
-
-
-# A legacy .h5 names the model by its bare class name (tf_keras saving_utils.model_metadata), not
-# by the registered "lstm_rewrite>TracedModel": register that name too, or such files cannot load.
-keras.utils.get_custom_objects().setdefault("TracedModel", TracedModel)
-
-
-def compiled_predict(model, signature):
-    """``model``'s forward pass as one ``tf.function`` over every batch (see `_tensorflow`)."""
-    from ._tensorflow import tf_function_predict
-
-    return tf_function_predict(model, signature)
-
-
-def make_traced_model(inputs, outputs, name):
-    return TracedModel(inputs, outputs, name=name)
 
 
 def recurrent_call(args, kwargs):
@@ -193,13 +174,6 @@ def recurrent_call(args, kwargs):
     return inputs, initial_state, mask, kwargs
 
 
-def call_mask(inputs, mask):
-    """The mask the original recurrent call ran with: tf-keras takes it from the input tensor."""
-    if mask is not None:
-        return mask
-    return getattr(inputs, "_keras_mask", None)
-
-
 def call_traced(layer, inputs, initial_state, mask, kwargs):
     # tf-keras hands the input tensor's mask to the layer by itself; passing it again would break
     # the node's bookkeeping, since a mask is not a layer output.
@@ -215,9 +189,32 @@ def stateful_variables(layer):
     return []
 
 
-def gpu_visible() -> bool:
-    """Whether TensorFlow computes on a GPU."""
-    return bool(tf.config.list_logical_devices("GPU"))
+# --- saving --------------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="lstm_rewrite", name="TracedModel")
+class TracedModel(CarriesRecord, Functional):
+    """A traced model: functional, with its rewrite record saved in its config."""
+
+
+# A legacy .h5 names the model by its bare class name (tf_keras saving_utils.model_metadata), not
+# by the registered "lstm_rewrite>TracedModel": register that name too, or such files cannot load.
+keras.utils.get_custom_objects().setdefault("TracedModel", TracedModel)
+
+
+def make_traced_model(inputs, outputs, name):
+    return TracedModel(inputs, outputs, name=name)
+
+
+def load_model_file(path, custom_objects=None, safe_mode=True):
+    return keras.models.load_model(path, custom_objects=custom_objects, compile=False, safe_mode=safe_mode)
+
+
+def registered_object(name):
+    return keras.saving.get_registered_object(name)
+
+
+# --- tensors -------------------------------------------------------------------------------
 
 
 def to_numpy(value):
@@ -230,9 +227,9 @@ def dtype_policy(layer) -> str:
     return layer._dtype_policy.name
 
 
-def compute_dtype(layer) -> str:
-    return str(getattr(layer, "compute_dtype", "float32"))
+# --- capture (one tf.function predict, tf.data) and GPU detection: TensorFlow's, see _tensorflow --
 
-
-def activation_name(fn) -> str:
-    return keras.activations.serialize(fn) if not isinstance(fn, str) else fn
+compiled_predict = _tensorflow.tf_function_predict
+is_dataset = _tensorflow.is_dataset
+dataset_batches = _tensorflow.dataset_batches
+gpu_visible = _tensorflow.gpu_visible

@@ -1,6 +1,6 @@
 """The ConvLSTM kind: ``ConvLSTM1D/2D/3D``; an LSTM whose states are feature maps."""
 
-from . import RecurrentKind, register
+from .registry import RecurrentKind, register
 
 CONV_LSTM = register(RecurrentKind(
     name="conv_lstm", label="ConvLSTM",

@@ -1,7 +1,7 @@
 """The generic kind: ``RNN`` over a custom cell with flat states; it exposes those states,
 numbered ``state0``, ``state1``, ..., at every step (`RecurrentKind.with_states`)."""
 
-from . import RecurrentKind, register
+from .registry import RecurrentKind, register
 
 GENERIC = register(RecurrentKind(
     name="generic", label="custom cell",

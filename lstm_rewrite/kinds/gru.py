@@ -1,6 +1,6 @@
 """The GRU kind: ``GRU`` and ``RNN(GRUCell)``, either ``reset_after``; state [h], gates z, r, n."""
 
-from . import RecurrentKind, register
+from .registry import RecurrentKind, register
 
 GRU = register(RecurrentKind(
     name="gru", label="GRU",

@@ -1,6 +1,6 @@
 """The LSTM kind: ``LSTM`` and ``RNN(LSTMCell)``; states [h, c], gates i, f, g, o."""
 
-from . import RecurrentKind, register
+from .registry import RecurrentKind, register
 
 LSTM = register(RecurrentKind(
     name="lstm", label="LSTM",

@@ -1,6 +1,6 @@
 """The SimpleRNN kind: ``SimpleRNN`` and ``RNN(SimpleRNNCell)``; its only quantity is its state h."""
 
-from . import RecurrentKind, register
+from .registry import RecurrentKind, register
 
 SIMPLE_RNN = register(RecurrentKind(
     name="simple_rnn", label="SimpleRNN",

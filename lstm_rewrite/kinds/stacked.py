@@ -1,7 +1,7 @@
 """The stacked kind: ``RNN(StackedRNNCells([...]))``; each cell exposes what its own kind has,
 under ``cell0.``, ``cell1.``, ... (the stack itself has no quantities of its own)."""
 
-from . import RecurrentKind, register
+from .registry import RecurrentKind, register
 
 STACKED = register(RecurrentKind(
     name="stacked", label="StackedRNNCells",
