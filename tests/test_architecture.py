@@ -294,7 +294,8 @@ def _describe_cycles(graph: nx.DiGraph) -> list[str]:
         if len(component) < 2:
             continue
         cycle = nx.find_cycle(graph.subgraph(component))
-        lines.append(" -> ".join(f"{u} (line {graph.edges[u, v]['line']})" for u, v in cycle)
+        lines.append(f"among {sorted(component)}, e.g. "
+                     + " -> ".join(f"{u} (line {graph.edges[u, v]['line']})" for u, v in cycle)
                      + f" -> {cycle[0][0]}")
     return sorted(lines)
 
