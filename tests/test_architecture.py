@@ -148,13 +148,18 @@ def _defined_public_names(flavour: str) -> set[str]:
 
 
 def test_the_interface_is_written_down():
-    names = backends.interface_names()
+    """Every name of backends.Backend has a one-line docstring (an attribute: the string after it)."""
+    (protocol,) = [n for n in _tree("lstm_rewrite.backends").body if isinstance(n, ast.ClassDef) and n.name == "Backend"]
+    documented, body = set(), protocol.body
+    for node, after in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.FunctionDef) and ast.get_docstring(node):
+            documented.add(node.name)
+        elif isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and _string(after.value):
+            documented.add(node.target.id)
+    names = set(backends.interface_names())
+    assert names == documented, f"undocumented: {sorted(names - documented)}; unknown: {sorted(documented - names)}"
     assert {"compiled_predict", "is_dataset", "dataset_batches", "gpu_visible", "graph_nodes", "LSTM",
-            "TracedRNN", "ops", "to_numpy", "load_model_file"} <= set(names)
-    for name in names:
-        member = getattr(backends.Backend, name, None)
-        documented = member is not None and member.__doc__ and member.__doc__ is not type.__doc__
-        assert documented or f"{name}: " in Path(backends.__file__).read_text(), name
+            "TracedRNN", "ops", "to_numpy", "load_model_file"} <= names
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -216,6 +221,17 @@ def backend_names_read(name: str) -> dict[str, int]:
                  for t in n.targets if isinstance(t, ast.Name) and t.id == "backend"]
         scan(scope, all(_backend_expression(v) for v in bound))
     return read
+
+
+def test_the_backend_reads_are_found(tmp_path, monkeypatch):
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from . import backends\n"
+        "def f(model, backend):\n    return backend.LSTM, getattr(backend, 'GRU'), backends.for_model(model).to_numpy\n"
+        "def g(keras):\n    backend = keras.backend\n    return backend.backend()\n"
+        "class C:\n    def h(self):\n        return self.backend.flatten\n")
+    monkeypatch.setitem(MODULES, "lstm_rewrite.probe", probe)
+    assert set(backend_names_read("lstm_rewrite.probe")) == {"LSTM", "GRU", "to_numpy", "flatten"}
 
 
 def test_the_stages_read_only_interface_names():
