@@ -91,18 +91,16 @@ def reference_stacked(layer, x, flavour_name, mask=None, masked_output="previous
     cells = layer.cell.cells
     for k, cell in enumerate(cells):
         own = types.SimpleNamespace(cell=cell, go_backwards=layer.go_backwards and k == 0)
-        top = k == len(cells) - 1
-        result = CELL_REFERENCES[type(cell).__name__](
-            own, sequence, flavour_name, mask=step_mask,
-            zero_output_for_mask=zero_output_for_mask and top)
+        # What the stack outputs on a masked step is its top cell's: on JAX its carried h
+        # (keras/src/backend/jax/rnn.py: "first state of last cell").
+        top = {"masked_output": masked_output, "zero_output_for_mask": zero_output_for_mask} \
+            if k == len(cells) - 1 else {}
+        result = CELL_REFERENCES[type(cell).__name__](own, sequence, flavour_name, mask=step_mask, **top)
         out.update({f"cell{k}.{q}": v for q, v in result.items() if v.ndim == 3 and q != "output"})
         sequence = result["output"]
         if k == 0 and layer.go_backwards and step_mask is not None:
             step_mask = step_mask[:, ::-1]  # the higher cells read the lowest one's processing order
     out["output"] = sequence
-    if masked_output == "state0" and not zero_output_for_mask:
-        # Keras 3's JAX loop outputs the stack's flat states[0] on a masked step: the lowest cell's h.
-        out["output"] = np.where(result["mask"][..., None] > 0, sequence, out["cell0.h"])
     return out
 
 
@@ -259,6 +257,12 @@ def traced_case(flavour, case: Case) -> Traced:
     return _TRACED[key]
 
 
+def masking(flavour_name: str, mask) -> dict:
+    """The reference's masking arguments: ``mask`` and what a masked step outputs on this run
+    (`conftest.masked_output`; without a mask nothing is masked)."""
+    return {"mask": mask, "masked_output": "previous" if mask is None else masked_output(flavour_name)}
+
+
 def check_sites(t: Traced, case: Case, flavour_name: str, sites: dict, mask):
     """Each site (name -> (layer, time order)) exposes the case's quantities, in order, equal to the
     reference; a Bidirectional's backward half is aligned with input time."""
@@ -267,7 +271,7 @@ def check_sites(t: Traced, case: Case, flavour_name: str, sites: dict, mask):
         names = [f"{site}.{q}" for q in case.quantities]
         assert [n for n in record if n.startswith(f"{site}.")] == names, site
         assert {record[n].time_order for n in names} == {time_order}, site
-        expected = case.reference(layer, t.x, flavour_name, mask=mask, masked_output=masked_output(flavour_name))
+        expected = case.reference(layer, t.x, flavour_name, **masking(flavour_name, mask))
         assert set(case.quantities) <= set(expected), f"{case.name}: the reference lacks some quantity"
         for q in case.quantities:
             want = expected[q][:, ::-1] if time_order == "backward_aligned" else expected[q]
@@ -297,7 +301,7 @@ def check_outputs(t: Traced, case: Case, flavour_name: str, branches: dict, mask
     names = list(t.model.output_names)
     for branch, layer in branches.items():
         halves = layer if isinstance(layer, tuple) else (layer,)
-        wants = [case.reference(half, t.x, flavour_name, mask=mask, masked_output=masked_output(flavour_name),
+        wants = [case.reference(half, t.x, flavour_name, **masking(flavour_name, mask),
                                 zero_output_for_mask=zero_output_for_mask(half, flavour_name, case))["output"]
                  for half in halves]
         # Bidirectional concatenates its forward output and its backward one aligned with input time.
