@@ -5,7 +5,10 @@ how to build a small layer of that kind and which NumPy reference computes its q
 model per case and flavour holds the layer forwards, with ``go_backwards`` and inside
 ``Bidirectional``, on plain and on masked input; its traced copy exposes every quantity of the
 kind (``states=("c", "h", "gates")``), and each exposed sequence must equal the reference: name,
-time order, shape and values. A kind registered without a case fails `test_every_kind_has_a_case`.
+time order, shape and values; so must the original outputs (what a masked step outputs follows
+this run's Keras loop, `conftest.masked_output`). A kind registered without a case fails
+`test_every_kind_has_a_case`. Where the traced model differs from the original today, the case is
+listed, with why, in `KNOWN_DIFFERENCES` (an expected failure that fails once it is fixed).
 """
 
 from __future__ import annotations
@@ -49,8 +52,9 @@ class Case:
         name: the test id.
         build: ``build(flavour, name, go_backwards) -> layer``: a small recurrent layer with
             ``return_sequences=True`` and random biases.
-        reference: ``reference(layer, x, flavour_name, mask=..., masked_output=...) -> dict``: the
-            reference's sequences in processing order, each quantity and ``"output"``.
+        reference: ``reference(layer, x, flavour_name, mask=..., masked_output=...,
+            zero_output_for_mask=...) -> dict``: the reference's sequences in processing order,
+            each quantity and ``"output"``.
         quantities: what the layer exposes, in output order.
         step_shape: one input step's shape.
         method: the rewrite's ``method=``.
