@@ -32,16 +32,15 @@ Statistics, per recurrent layer prefix (``"encoder"``, ``"bi.forward"``) and per
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .errors import DataError, InvalidArgumentError
+from .kinds import quantities
+from .report import AuditReport, LayerAudit, TrackingUnit
 
 __all__ = [
     "AuditThresholds",
@@ -55,14 +54,12 @@ __all__ = [
     "audit_batches",
 ]
 
-# Sigmoid gates: saturation means close to 0 or to 1. "g" is a tanh candidate, not a gate.
-SIGMOID_GATES = ("i", "f", "o", "z", "r")
-_ORDER = ("c", "h", "i", "f", "g", "o", "z", "r", "n")
 # Sequences kept whole (every state at every valid step) for the report's explorer: a bounded
 # sample, whatever the size of the data set.
 EXPLORER_SEQUENCES = 12
-REPORT_FORMAT = "lstm_rewrite.audit"
-ORIENTATIONS = ("forward", "go_backwards", "backward_aligned")
+# How a layer's state sequences run in time: the values of the rewrite record's
+# `ExposedOutput.time_order` (lstm_rewrite.record), which the audit is given per layer.
+TIME_ORDERS = ("forward", "go_backwards", "backward_aligned")
 
 
 @dataclass(frozen=True)
@@ -397,9 +394,9 @@ class _LayerAccumulator:
     """Everything the audit keeps about one recurrent layer while batches stream by."""
 
     def __init__(self, prefix: str, layer_class: str | None, units: int, thresholds: AuditThresholds,
-                 labels: tuple[str, ...], samples: int, orientation: str = "forward"):
+                 labels: tuple[str, ...], samples: int, time_order: str = "forward"):
         self.prefix = prefix
-        self.orientation = orientation
+        self.time_order = time_order
         self.layer_class = layer_class
         self.units = units
         self.t = thresholds
@@ -420,27 +417,27 @@ class _LayerAccumulator:
         first = next(iter(states.values()))
         b, steps = first.shape[:2]
         valid = np.ones((b, steps), dtype=bool) if mask is None else np.asarray(mask) > 0.5
-        if self.orientation == "go_backwards":
+        if self.time_order == "go_backwards":
             # States (and mask) run in reversed input time; labels are given in input time.
             labels = {name: label[:, ::-1] for name, label in labels.items()}
         for quantity, value in states.items():
             rows = value[valid]  # [valid steps, units]
             self.moments.setdefault(quantity, RunningMoments(self.units)).update(rows)
-            if quantity in ("c", "h"):
+            if quantity in quantities.STATES:
                 self.hist.setdefault(quantity, StreamingHistogram(self.units)).update(rows)
-            if quantity in SIGMOID_GATES:
+            if quantity in quantities.SATURATING:
                 self.high[quantity] = self.high.get(quantity, 0) + (rows > self.t.gate_high).sum(axis=0)
                 self.low[quantity] = self.low.get(quantity, 0) + (rows < self.t.gate_low).sum(axis=0)
             if quantity == "h" and rows.shape[0]:
                 self.max_abs_h = np.maximum(self.max_abs_h, np.abs(rows).max(axis=0))
             if quantity == "c":
                 self.tanh_sat += (np.abs(np.tanh(rows)) > self.t.tanh_high).sum(axis=0)
-                if self.orientation == "backward_aligned":
+                if self.time_order == "backward_aligned":
                     # Aligned with input time but processed from the end: count steps from there.
                     self._update_growth(np.abs(value)[:, ::-1], valid[:, ::-1])
                 else:
                     self._update_growth(np.abs(value), valid)
-            if quantity in ("c", "h"):
+            if quantity in quantities.STATES:
                 for name, label in labels.items():
                     keep = valid & np.isfinite(label)
                     self.corr[name].setdefault(quantity, RunningCoMoments(self.units)).update(
@@ -472,7 +469,7 @@ class _LayerAccumulator:
     def _keep_samples(self, states, valid, labels) -> None:
         row = 0
         b = valid.shape[0]
-        if self.orientation == "go_backwards":
+        if self.time_order == "go_backwards":
             # Figures read left to right in input time.
             states = {q: v[:, ::-1] for q, v in states.items()}
             labels = {n: l[:, ::-1] for n, l in labels.items()}
@@ -515,11 +512,10 @@ class _LayerAccumulator:
     def finish(self) -> "LayerAudit":
         t = self.t
         stats = {q: {"mean": m.mean, "std": m.std, "min": m.min, "max": m.max}
-                 for q, m in sorted(self.moments.items(), key=lambda kv: _ORDER.index(kv[0])
-                                    if kv[0] in _ORDER else len(_ORDER))}
+                 for q, m in sorted(self.moments.items(), key=lambda kv: quantities.order_key(kv[0]))}
         steps = self.moments[next(iter(self.moments))].count if self.moments else 0
         saturation = {}
-        for gate in (g for g in SIGMOID_GATES if g in self.high):
+        for gate in (g for g in quantities.SATURATING if g in self.high):
             high = self.high[gate] / max(steps, 1)
             low = self.low[gate] / max(steps, 1)
             saturation[gate] = {"high": high, "low": low, "total": high + low}
@@ -581,286 +577,6 @@ class _LayerAccumulator:
 
 
 # --------------------------------------------------------------------------------------------
-# The report.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrackingUnit:
-    """The unit that tracks a label best: ``layer.quantity[unit]`` with Pearson ``r``."""
-
-    label: str
-    layer: str
-    quantity: str
-    unit: int
-    r: float
-
-    @property
-    def name(self) -> str:
-        """The output name and unit, e.g. ``"lstm.c[11]"``."""
-        return f"{self.layer}.{self.quantity}[{self.unit}]"
-
-
-@dataclass
-class LayerAudit:
-    """The audit of one recurrent layer call; per-unit arrays have shape (units,).
-
-    Attributes:
-        prefix: the layer prefix used in output names (``"encoder"``, ``"bi.forward"``).
-        layer_class: ``"LSTM"``, ``"GRU"``, ... when the rewrite record names it.
-        units: number of units.
-        valid_steps: number of (sequence, step) pairs counted.
-        stats: quantity -> {"mean", "std", "min", "max"} over valid steps.
-        gate_saturation: sigmoid gate -> {"high", "low", "total"} fraction of valid steps.
-        tanh_c_saturation: fraction of valid steps with |tanh(c)| > ``tanh_high`` (None without c).
-        forget_gate_mean: mean of f (None without f).
-        memory_horizon: ``1 / (1 - forget_gate_mean)`` in steps (None without f).
-        max_abs_h: max |h| over valid steps (None without h).
-        dead_units: units with |h| < ``dead_eps`` on every valid step.
-        growth: {"slope", "ratio", "late_mean_abs_c", "drifting_units", "mean_abs_c_by_step",
-            "steps_count"}
-            (None without c); see the module docstring.
-        saturated_units: units with a gate or tanh(c) saturated on more than
-            ``saturated_fraction`` of valid steps.
-        label_correlation: label -> quantity ("c", "h") -> Pearson r per unit (NaN if undefined).
-        histograms: quantity -> (limits (units,), counts (units, bins)): unit u's bins split
-            [-limits[u], limits[u]] evenly.
-        samples: the first few sequences' states (every exposed quantity, valid steps only, in
-            input time), labels and input-time step indices, for the figures and the explorer.
-    """
-
-    prefix: str
-    layer_class: str | None
-    units: int
-    valid_steps: int
-    stats: dict[str, dict[str, np.ndarray]]
-    gate_saturation: dict[str, dict[str, np.ndarray]]
-    tanh_c_saturation: np.ndarray | None
-    forget_gate_mean: np.ndarray | None
-    memory_horizon: np.ndarray | None
-    max_abs_h: np.ndarray | None
-    dead_units: list[int]
-    growth: dict[str, Any] | None
-    saturated_units: list[int]
-    label_correlation: dict[str, dict[str, np.ndarray]]
-    histograms: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False)
-    samples: list[dict[str, Any]] = field(repr=False)
-
-    def best_tracking(self, label: str) -> TrackingUnit | None:
-        """The unit (over c and h) with the largest |r| with ``label``; None if none is defined."""
-        best = None
-        for quantity, r in self.label_correlation.get(label, {}).items():
-            if np.all(np.isnan(r)):
-                continue
-            unit = int(np.nanargmax(np.abs(r)))
-            if best is None or abs(r[unit]) > abs(best.r):
-                best = TrackingUnit(label, self.prefix, quantity, unit, float(r[unit]))
-        return best
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict; NaN and infinity become null."""
-        out: dict[str, Any] = {
-            "layer_class": self.layer_class,
-            "units": self.units,
-            "valid_steps": self.valid_steps,
-            "stats": {q: {k: _list(v) for k, v in s.items()} for q, s in self.stats.items()},
-            "gate_saturation": {g: {k: _list(v) for k, v in s.items()} for g, s in self.gate_saturation.items()},
-            "tanh_c_saturation": _list(self.tanh_c_saturation),
-            "forget_gate_mean": _list(self.forget_gate_mean),
-            "memory_horizon": _list(self.memory_horizon),
-            "max_abs_h": _list(self.max_abs_h),
-            "dead_units": list(self.dead_units),
-            "saturated_units": list(self.saturated_units),
-            "growth": None,
-            "label_correlation": {},
-            "histograms": {q: {"limits": _list(lim), "counts": c.tolist()}
-                           for q, (lim, c) in self.histograms.items()},
-        }
-        if self.growth is not None:
-            out["growth"] = {
-                "slope": _list(self.growth["slope"]),
-                "ratio": _list(self.growth["ratio"]),
-                "late_mean_abs_c": _list(self.growth["late_mean_abs_c"]),
-                "drifting_units": list(self.growth["drifting_units"]),
-                "mean_abs_c_by_step": _list(self.growth["mean_abs_c_by_step"]),
-                "steps_count": self.growth["steps_count"].tolist(),
-            }
-        for label, per_q in self.label_correlation.items():
-            best = self.best_tracking(label)
-            out["label_correlation"][label] = {
-                **{q: _list(r) for q, r in per_q.items()},
-                "best": None if best is None else dataclasses.asdict(best),
-            }
-        return out
-
-
-DEFINITIONS = {
-    "stats": "mean, population std, min, max of each quantity over valid (unmasked) steps",
-    "gate_saturation": "fraction of valid steps with the sigmoid gate above gate_high (high) or "
-                       "below gate_low (low); total = high + low",
-    "tanh_c_saturation": "fraction of valid steps with |tanh(c)| above tanh_high",
-    "forget_gate_mean": "mean of the forget gate f over valid steps",
-    "memory_horizon": "1 / (1 - forget_gate_mean), in steps: the sum of the geometric decay "
-                      "1 + f + f^2 + ... of a contribution to c; null when f's mean is 1",
-    "max_abs_h": "max |h| over valid steps",
-    "dead_units": "units with |h| below dead_eps on every valid step",
-    "saturated_units": "units with a gate or tanh(c) saturated on more than saturated_fraction "
-                       "of valid steps",
-    "growth.slope": "least-squares slope of |c| against the valid-step index (|c| per step)",
-    "growth.ratio": "mean |c| over the last quarter of step indices / mean |c| over the second quarter",
-    "growth.drifting_units": "units whose growth.ratio exceeds drift_ratio and whose late mean |c| "
-                             "exceeds drift_min_abs_c",
-    "growth.late_mean_abs_c": "mean |c| over the last quarter of step indices",
-    "growth.mean_abs_c_by_step": "mean |c| at each valid-step index, [step][unit]",
-    "label_correlation": "Pearson r of each unit's c and h with each label over valid steps with a "
-                         "finite label; best = the unit with the largest |r|",
-    "histograms": "per-unit counts of c and h in equal bins splitting [-limit, limit] of that unit",
-}
-
-
-@dataclass
-class AuditReport:
-    """What ``audit`` found: one ``LayerAudit`` per recurrent layer prefix.
-
-    Example:
-        >>> report = audit(model, x, labels=depth, progress=False)
-        >>> report.best_tracking("label").name
-        'lstm.c[11]'
-        >>> report.to_json("out/report.json"); report.to_html("out")
-    """
-
-    layers: dict[str, LayerAudit]
-    thresholds: AuditThresholds
-    sequences: int
-    labels: tuple[str, ...] = ()
-    # The sample the explorer shows (the layers' ``samples`` sequences): each sequence's tokens as
-    # display strings, one per input step (None without token input), and its labels per input step.
-    sample_tokens: list[list[str]] | None = field(default=None, repr=False)
-    sample_labels: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
-    # audit(..., causal=True): see lstm_rewrite.interventions.causal_section (None without it).
-    causal: dict | None = None
-
-    def best_tracking(self, label: str | None = None) -> TrackingUnit | None:
-        """The unit of any layer that tracks ``label`` best (the only label when ``None``).
-
-        Example:
-            >>> report.best_tracking().r > 0.8
-            True
-        """
-        if label is None:
-            if not self.labels:
-                return None
-            label = self.labels[0]
-        if label not in self.labels:
-            raise InvalidArgumentError(f"No label named {label!r}; audited labels: {list(self.labels)}. "
-                                       f"Received: label={label!r}")
-        found = [b for b in (layer.best_tracking(label) for layer in self.layers.values()) if b]
-        return max(found, key=lambda b: abs(b.r), default=None)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every layer and unit statistic."""
-        return {
-            "format": REPORT_FORMAT,
-            "version": 1,
-            "sequences": self.sequences,
-            "thresholds": dataclasses.asdict(self.thresholds),
-            "definitions": DEFINITIONS,
-            "labels": list(self.labels),
-            "best_tracking": {
-                label: (None if (b := self.best_tracking(label)) is None else dataclasses.asdict(b))
-                for label in self.labels
-            },
-            "layers": {prefix: layer.to_dict() for prefix, layer in self.layers.items()},
-            "summary": self.summary(),
-            **({} if self.causal is None else {"causal": self.causal}),
-        }
-
-    def to_json(self, path: str | os.PathLike) -> str:
-        """Write the report as JSON (strict: no NaN) to ``path``; return the path written.
-
-        Example:
-            >>> report.to_json("out/report.json")
-            'out/report.json'
-        """
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(self.to_dict(), handle, indent=1, allow_nan=False)
-            handle.write("\n")
-        return path
-
-    def to_html(self, out_dir: str | os.PathLike) -> str:
-        """Write ``report.html``, ``report.json`` and PNG figures into ``out_dir``; return the HTML path.
-
-        Example:
-            >>> report.to_html("out")
-            'out/report.html'
-        """
-        from .report import write_html
-
-        return write_html(self, os.fspath(out_dir))
-
-    def summary(self) -> str:
-        """A few lines: layers, dead/saturated/drifting units, and which unit tracks each label.
-
-        Example:
-            >>> print(report.summary())  # doctest: +SKIP
-            Audited 200 sequences, 1 recurrent layer(s).
-            ...
-        """
-        t = self.thresholds
-        lines = [f"Audited {self.sequences} sequences, {len(self.layers)} recurrent layer(s)."]
-        for prefix, layer in self.layers.items():
-            kind = f"{layer.layer_class}, " if layer.layer_class else ""
-            parts = [f"{prefix} ({kind}{layer.units} units, {layer.valid_steps} valid steps)"]
-            if layer.forget_gate_mean is not None:
-                mean_f = float(np.nanmean(layer.forget_gate_mean))
-                horizon = "inf" if mean_f >= 1 else f"{1.0 / (1.0 - mean_f):.1f}"
-                parts.append(f"mean forget gate {mean_f:.2f} (memory horizon ~{horizon} steps)")
-            if layer.gate_saturation:
-                sat = ", ".join(f"{g} {float(np.nanmean(s['total'])):.0%}" for g, s in layer.gate_saturation.items())
-                parts.append(f"gates saturated on {sat} of steps")
-            if layer.tanh_c_saturation is not None:
-                parts.append(f"tanh(c) saturated on {float(np.nanmean(layer.tanh_c_saturation)):.0%}")
-            parts.append(_units_phrase("dead", layer.dead_units))
-            parts.append(_units_phrase("saturated", layer.saturated_units))
-            if layer.growth is not None:
-                parts.append(_units_phrase("drifting", layer.growth["drifting_units"]))
-            lines.append("; ".join(parts) + ".")
-        for label in self.labels:
-            best = self.best_tracking(label)
-            if best is None:
-                lines.append(f"Label {label!r}: no unit varies with it (correlation undefined).")
-                continue
-            strength = "strongly" if abs(best.r) >= t.strong_correlation else "weakly"
-            lines.append(f"Label {label!r} is {strength} tracked by {best.name}: Pearson r = {best.r:+.3f}.")
-        if self.causal is not None:
-            from .interventions import causal_summary
-
-            lines += causal_summary(self.causal)
-        return "\n".join(lines)
-
-
-def _units_phrase(what: str, units: list[int]) -> str:
-    if not units:
-        return f"no {what} unit"
-    shown = ", ".join(str(u) for u in units[:10]) + (", ..." if len(units) > 10 else "")
-    return f"{len(units)} {what} unit(s) [{shown}]"
-
-
-def _list(value) -> Any:
-    """NumPy -> nested lists with NaN/inf as None, so that the JSON is strict."""
-    if value is None:
-        return None
-    array = np.asarray(value, dtype=np.float64)
-    if array.ndim == 0:
-        return float(array) if math.isfinite(float(array)) else None
-    return [_list(v) for v in array] if array.ndim > 1 else [
-        float(v) if math.isfinite(v) else None for v in array.tolist()]
-
-
-# --------------------------------------------------------------------------------------------
 # Entry points.
 # --------------------------------------------------------------------------------------------
 
@@ -900,7 +616,7 @@ def audit_batches(
     labels: np.ndarray | Mapping[str, np.ndarray] | None = None,
     thresholds: AuditThresholds | Mapping[str, float] | None = None,
     layer_classes: Mapping[str, str] | None = None,
-    orientations: Mapping[str, str] | None = None,
+    time_orders: Mapping[str, str] | None = None,
     samples: int = EXPLORER_SEQUENCES,
 ) -> AuditReport:
     """Fold a stream of state batches into an ``AuditReport`` (the array-level core of ``audit``).
@@ -913,7 +629,7 @@ def audit_batches(
             with the batches in order; non-finite label values are skipped.
         thresholds: ``AuditThresholds``, a dict overriding some of its fields, or None.
         layer_classes: layer prefix -> class name, for the report.
-        orientations: layer prefix -> how its state sequences run in time: ``"forward"`` (the
+        time_orders: layer prefix -> how its state sequences run in time: ``"forward"`` (the
             default: input time, processed forwards), ``"go_backwards"`` (processing order of a
             ``go_backwards`` layer, i.e. reversed input time: labels are flipped to match) or
             ``"backward_aligned"`` (input time, processed from the end, like the backward half of
@@ -936,10 +652,10 @@ def audit_batches(
     label_arrays = _normalise_labels(labels)
     names = tuple(label_arrays)
     layer_classes = dict(layer_classes or {})
-    orientations = dict(orientations or {})
-    bad = {p: o for p, o in orientations.items() if o not in ORIENTATIONS}
+    time_orders = dict(time_orders or {})
+    bad = {p: o for p, o in time_orders.items() if o not in TIME_ORDERS}
     if bad:
-        raise InvalidArgumentError(f"orientations must be one of {ORIENTATIONS}. Received: {bad}")
+        raise InvalidArgumentError(f"time_orders must be one of {TIME_ORDERS}. Received: {bad}")
     layers: dict[str, _LayerAccumulator] = {}
     seen = 0
     for item in batches:
@@ -960,12 +676,12 @@ def audit_batches(
                     f"input's (sequences, time). Received: shape {array.shape}"
                 )
             batch_labels[label] = array[seen:seen + b, :steps]
-        for prefix, quantities in by_layer.items():
+        for prefix, values in by_layer.items():
             if prefix not in layers:
-                units = next(iter(quantities.values())).shape[-1]
+                units = next(iter(values.values())).shape[-1]
                 layers[prefix] = _LayerAccumulator(prefix, layer_classes.get(prefix), units, t, names,
-                                                   samples, orientations.get(prefix, "forward"))
-            layers[prefix].update(quantities, masks.get(prefix), batch_labels)
+                                                   samples, time_orders.get(prefix, "forward"))
+            layers[prefix].update(values, masks.get(prefix), batch_labels)
         seen += b
     if seen == 0:
         raise DataError("The audit saw no batch of states: pass at least one sequence.")
@@ -1047,18 +763,18 @@ def audit(
     thresholds = AuditThresholds.coerce(thresholds)
     record = record_of(model)
     if record is None:
-        from . import expose_cell_states
+        from .api import expose_cell_states
 
         traced = expose_cell_states(model, states=("c", "h", "gates"), expose_masks=True)
         record = traced.rewrite_record
     else:
         traced = model
     classes = {e.layer: getattr(e, "layer_class", None) for e in record.exposed}
-    orientations = {e.layer: e.time_order for e in record.exposed}
+    time_orders = {e.layer: e.time_order for e in record.exposed}
     batches = iter_state_batches(traced, data, states=None, layers=None, batch_size=batch_size,
                                  progress=progress)
     report = audit_batches(batches, labels=labels, thresholds=thresholds, layer_classes=classes,
-                           orientations=orientations)
+                           time_orders=time_orders)
     report.sample_tokens = _sample_tokens(data if tokens is None else tokens, vocab, explicit=tokens is not None)
     if causal:
         if record_of(model) is not None:

@@ -24,11 +24,12 @@ sequence of positions (sequences concatenated):
   (values only positive) and ``transform: none`` (values already in [-1, 1] or [0, 1]; by default
   LSTMVis applies tanh).
 
-Here a cell state ``c`` is ``type: state`` (unbounded, so LSTMVis's tanh applies), ``h`` is
-``type: output`` (with ``transform: none`` for an LSTM, whose h lies in (-1, 1)), the sigmoid gates
-``i``, ``f``, ``o`` (LSTM) and ``z``, ``r`` (GRU) are ``unsigned: true, transform: none`` and the
-tanh gates ``g`` (LSTM) and ``n`` (GRU) are ``transform: none``. A ConvLSTM2D step is flattened
-to one vector of ``rows * cols * filters`` cells.
+Here ``h`` is ``type: output`` and every other quantity ``type: state``; what LSTMVis does to the
+values follows their range in the table of quantities (`lstm_rewrite.kinds.quantities`): within
+[0, 1] (the sigmoid gates ``i``, ``f``, ``o``, ``z``, ``r``) is ``unsigned: true, transform: none``,
+within [-1, 1] (``h``, the tanh candidates ``g`` and ``n``) is ``transform: none``, and unbounded
+(a cell state ``c``, a custom cell's states) keeps LSTMVis's default tanh. A ConvLSTM2D step is
+flattened to one vector of ``rows * cols * filters`` cells.
 ``layer`` numbers the distinct layers in the order of the states. Padded steps are left out, so
 positions are the real tokens only, and the states of a ``go_backwards`` LSTM (kept by the capture
 in processing order) are flipped back to input order so that every position lines up with its token.
@@ -43,6 +44,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .errors import DataError, InvalidArgumentError
+from .kinds import quantities
 
 __all__ = ["export_lstmvis", "STATES_FILE", "WORDS_FILE", "DICT_FILE", "CONFIG_FILE"]
 
@@ -105,7 +107,7 @@ def _common_mask(states, names: list[str], mask, shape: tuple[int, int]):
         if layer_mask is None:
             continue
         layer_mask = np.asarray(layer_mask) > 0
-        if _reversed(states, name):
+        if _runs_backwards(states, name):
             layer_mask = layer_mask[:, ::-1]
         if chosen is None:
             chosen, chosen_layer = layer_mask, layer
@@ -132,31 +134,31 @@ def _layer(states, name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
-def _reversed(states, name: str) -> bool:
-    """A go_backwards LSTM's states run from the last input step to the first: flip them to
-    line up with the tokens."""
+def _runs_backwards(states, name: str) -> bool:
+    """Whether the states run from the last input step to the first (the record's ``time_order``
+    "go_backwards"): they are flipped to line up with the tokens.
+
+    Capture files written before the time order was stored say ``reversed: true`` instead.
+    """
     exposed = getattr(states, "exposed", None)
-    return bool(exposed and name in exposed and exposed[name].get("reversed"))
+    info = exposed.get(name) if exposed else None
+    if not info:
+        return False
+    if "time_order" in info:
+        return info["time_order"] == "go_backwards"
+    return bool(info.get("reversed"))
 
 
-# Value ranges: sigmoid gates lie in (0, 1), tanh gates and LSTM outputs in (-1, 1); cell states
-# (and the states of custom cells) are unbounded, so LSTMVis's default tanh applies to them.
-_UNIT_INTERVAL = ("i", "f", "o", "z", "r")
-_SIGNED_INTERVAL = ("g", "n")
-
-
-def _state_type(quantity: str, layer: int, path: str, layer_class: str | None) -> dict:
+def _state_type(quantity: str, layer: int, path: str) -> dict:
+    # LSTMVis's "output" is what the layer outputs at each step: of our quantities, h.
     entry: dict = {"type": "output" if quantity == "h" else "state", "layer": layer, "path": path}
-    if quantity in _UNIT_INTERVAL:
-        entry.update(unsigned=True, transform="none")
-    elif quantity in _SIGNED_INTERVAL or (quantity == "h" and (layer_class or "LSTM").endswith("LSTM")):
+    low, high = quantities.value_range(quantity)
+    if low is not None and high is not None and low >= -1.0 and high <= 1.0:
+        # Already within [-1, 1]: LSTMVis's default tanh would only squash it.
+        if low >= 0.0:
+            entry["unsigned"] = True
         entry["transform"] = "none"
     return entry
-
-
-def _layer_class(states, name: str) -> str | None:
-    exposed = getattr(states, "exposed", None)
-    return exposed[name].get("layer_class") if exposed and name in exposed else None
 
 
 def export_lstmvis(
@@ -246,7 +248,7 @@ def export_lstmvis(
                 source = states[n]
                 # LSTMVis wants one vector per position: ConvLSTM2D steps are flattened.
                 units = int(np.prod(source.shape[2:], dtype=np.int64))
-                flip = _reversed(states, n)
+                flip = _runs_backwards(states, n)
                 target = handle.create_dataset(n, shape=(positions, units), dtype="float32",
                                                chunks=(min(max(positions, 1), 4096), units))
                 at = 0
@@ -278,8 +280,8 @@ def export_lstmvis(
             "word_sequence": {"file": "word_ids", "path": WORD_IDS_PATH, "dict_file": "words"},
             "states": {
                 "file": "states",
-                "types": [_state_type(_quantity(states, n), layer_numbers[_layer(states, n)], n,
-                                      _layer_class(states, n)) for n in names],
+                "types": [_state_type(_quantity(states, n), layer_numbers[_layer(states, n)], n)
+                          for n in names],
             },
         }
         config_path = os.path.join(out_dir, CONFIG_FILE)

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LAYER_DEFAULT", "get_activation", "conv2d", "conv_lstm2d", "gru", "lstm", "simple_rnn", "ACTIVATIONS"]
+__all__ = ["LAYER_DEFAULT", "get_activation", "conv2d", "conv_lstm2d", "counter_cell", "gru", "lstm", "simple_rnn",
+           "ACTIVATIONS"]
 
 Array = np.ndarray
 Flavour = str  # "keras3" | "tfkeras"
@@ -776,3 +777,69 @@ def conv_lstm2d(
             elif v.ndim == 4:
                 result[k] = v.transpose(0, 3, 1, 2)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A custom cell.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def counter_cell(
+    x: Any,
+    w: Any,
+    u: Any,
+    v: Any,
+    p: Any,
+    *,
+    mask: Any = None,
+    go_backwards: bool = False,
+    zero_output_for_mask: bool = False,
+    masked_output: str = "previous",
+) -> dict[str, Array]:
+    """Run ``RNN(CounterCell)`` (tests/test_recurrent_layers.py) in NumPy: a custom cell with two flat states.
+
+    ``s = tanh(x_t @ w + s @ u)``, ``k = k + x_t @ v`` (a running sum), ``output = [s, k] @ p``; the states are
+    exposed as ``state0`` (s) and ``state1`` (k).
+
+    Args:
+        x: Input of shape ``(batch, time, features)``.
+        w: ``(features, units)``.
+        u: ``(units, units)``.
+        v: ``(features, 2)``.
+        p: ``(units + 2, units + 1)``.
+        mask: Optional ``(batch, time)`` bool mask in input time order.
+        go_backwards: Process the input in reverse time order.
+        zero_output_for_mask: Zero ``"output"`` on masked steps instead of repeating the previous output.
+        masked_output: ``"previous"`` or ``"state0"``, as for :func:`lstm`.
+
+    Returns:
+        A dict with ``"state0"`` ``(batch, time, units)``, ``"state1"`` ``(batch, time, 2)`` in processing order,
+        ``"output"``, ``"last_output"``, ``"last_state0"``, ``"last_state1"`` and ``"mask"``.
+
+    Example:
+        >>> r = counter_cell(np.ones((1, 2, 1)), np.zeros((1, 1)), np.zeros((1, 1)), np.ones((1, 2)), np.ones((3, 2)))
+        >>> r["state1"][0, -1].tolist()
+        [2.0, 2.0]
+    """
+    x = _prepare_sequence(x, 3, "CounterCell")
+    batch, time, _ = x.shape
+    w, u, v, p = (_as_float(a, f"CounterCell {name}") for a, name in zip((w, u, v, p), "wuvp"))
+    units = w.shape[1]
+
+    def step(x_t: Array, states: list[Array]) -> tuple[Array, list[Array], dict[str, Array]]:
+        s, k = states
+        s_new = np.tanh(x_t @ w + s @ u)
+        k_new = k + x_t @ v
+        return np.concatenate([s_new, k_new], axis=-1) @ p, [s_new, k_new], {}
+
+    return _recur(
+        x,
+        step,
+        [np.zeros((batch, units)), np.zeros((batch, v.shape[1]))],
+        ["state0", "state1"],
+        [],
+        mask=_check_mask(mask, batch, time),
+        go_backwards=go_backwards,
+        zero_output_for_mask=zero_output_for_mask,
+        masked_output=masked_output,
+    )

@@ -54,6 +54,9 @@ BY_NAME = {q.name: q for q in QUANTITIES}
 ORDER = tuple(q.name for q in QUANTITIES)
 GATE_NAMES = tuple(q.name for q in QUANTITIES if q.is_gate)
 SATURATING = tuple(q.name for q in QUANTITIES if q.saturates)
+# The named states, every quantity that is not a gate (c, h): what the audit histograms and
+# correlates with labels, and the report tabulates.
+STATES = tuple(q.name for q in QUANTITIES if not q.is_gate)
 
 
 def numbered_state(index: int) -> str:
