@@ -45,13 +45,13 @@ class Selector:
     prefix of it (so a nested model's name selects every recurrent layer inside it).
     """
 
-    names: tuple = ()  # the names given (each must name a recurrent call); () for None or a predicate
-    predicate: Callable | None = None  # a predicate on the layer, when one was given
+    names: tuple | None = None  # the names given (each must name a recurrent call); None: every call
+    predicate: Callable | None = None  # a predicate on the layer, when one was given (then names is None)
 
     def __call__(self, site: str, layer) -> bool:
         if self.predicate is not None:
             return bool(self.predicate(layer))
-        if not self.names:
+        if self.names is None:
             return True
         return any(self.names_call(name, site, layer) for name in self.names)
 
@@ -194,7 +194,7 @@ def plan_model(model, states=("c",), layers: LayerSelector = None) -> Plan:
             naming nothing that a selected layer has.
     """
     plan = _plan(model, parse_states(states), make_selector(layers))
-    sites, names = plan.sites, plan.selector.names
+    sites, names = plan.sites, plan.selector.names or ()
     if not sites:
         raise UnsupportedModelError(
             f"Model {model.name!r} has no LSTM or other recurrent layer (GRU, SimpleRNN, ConvLSTM, RNN; inside "
