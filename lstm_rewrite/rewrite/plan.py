@@ -2,9 +2,9 @@
 
 `plan_model` walks the model's call graph level by level (nested models included) and classifies
 each call once (`lstm_rewrite.rewrite.match`): a `RecurrentSite` for a recurrent call, a
-`PlannedModel` for a nested model, nothing for a layer that is copied as it is. Each recurrent
-call lists its `PlannedLayer` s (one, or a Bidirectional's two directions), each of those its
-`ExposedCell` s (the layer's cell, or every cell of a stack) and what they expose. The rebuild
+`PlannedModel` for a nested model, nothing for a layer that is copied as it is. A recurrent call
+holds one `PlannedLayer` per direction (one, or a Bidirectional's two), and each of those one
+`ExposedCell` per cell (the layer's cell, or every cell of a stack) with what that cell exposes. The rebuild
 (`lstm_rewrite.rewrite.rebuild`) consumes this plan; nothing is classified twice.
 """
 
