@@ -193,7 +193,8 @@ def plan_model(model, states=("c",), layers: LayerSelector = None) -> Plan:
         InvalidArgumentError: a name in ``layers`` that matches no recurrent layer, or ``states``
             naming nothing that a selected layer has.
     """
-    plan = _plan(model, parse_states(states), make_selector(layers))
+    backend = backend_of(model)
+    plan = _plan(model, backend, parse_states(states), make_selector(layers))
     sites, names = plan.sites, plan.selector.names or ()
     if not sites:
         raise UnsupportedModelError(
@@ -240,11 +241,10 @@ def recurrent_sites(model) -> list:
         >>> [d.site for s in recurrent_sites(model) for d in s.directions]
         ['lstm', 'bi.forward', 'bi.backward']
     """
-    return _plan(model, ("c",), Selector(predicate=lambda layer: False)).sites
+    return _plan(model, backend_of(model), ("c",), Selector(predicate=lambda layer: False)).sites
 
 
-def _plan(model, requested: tuple, selector: Selector) -> Plan:
-    backend = backend_of(model)
+def _plan(model, backend, requested: tuple, selector: Selector) -> Plan:
     sites = []
     top = _plan_level(model, backend, "", selector, requested, sites, graphs={})
     return Plan(model, backend, requested, selector, top, sites)
