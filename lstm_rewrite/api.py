@@ -8,8 +8,7 @@ from collections.abc import Iterable
 from . import backends
 from .errors import InvalidArgumentError
 from .reconstruct import resolve_method
-from .record import record_of
-from .rewrite import LayerSelector, rewrite_model
+from .rewrite import LayerSelector, record_of, rewrite_model
 from .verify import check
 
 
@@ -74,7 +73,7 @@ def expose_cell_states(
 
     Returns:
         A Keras model of the same flavour as ``model``; ``traced.rewrite_record`` describes what
-        was added (see `lstm_rewrite.record.RewriteRecord`). The record is saved with the model,
+        was added (see `lstm_rewrite.rewrite.record.RewriteRecord`). The record is saved with the model,
         so the traced model loaded back from a file is still recognised as traced.
 
     Raises:

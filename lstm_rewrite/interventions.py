@@ -275,7 +275,7 @@ class EditSite:
     site: str  # "lstm", "bi.backward", "body.inner", "shared.call1"
     call_site: str  # the call as layers= names it: "bi" for "bi.backward"
     layer: Any
-    kind: str  # a RECURRENT_KINDS entry
+    kind: str  # the registry name of its kind (lstm_rewrite.kinds)
     layer_class: str
     units: int
     time_order: str  # "forward", "go_backwards", "backward_aligned"
@@ -288,23 +288,14 @@ def edit_sites(model) -> dict:
         >>> sorted(edit_sites(model))
         ['bi.backward', 'bi.forward', 'lstm']
     """
-    from . import backends
-    from .rewrite import _collect_sites, describe_layer, recurrent_kind
+    from .rewrite import recurrent_sites
 
-    backend = backends.for_model(model)
-    found = []
-    _collect_sites(model, backend, "", lambda site, layer: False, ("c",), found, seen_models=[])
     sites = {}
-    for entry in found:
-        if entry.kind == "bidirectional":
-            directions = [(f"{entry.site}.forward", entry.layer.forward_layer, "forward"),
-                          (f"{entry.site}.backward", entry.layer.backward_layer, "backward_aligned")]
-        else:
-            directions = [(entry.site, entry.layer, "go_backwards" if entry.layer.go_backwards else "forward")]
-        for site, layer, order in directions:
-            kind = entry.kind if entry.kind != "bidirectional" else recurrent_kind(layer, backend)
-            units = int(getattr(layer.cell, "units", 0) or 0)
-            sites[site] = EditSite(site, entry.site, layer, kind, describe_layer(layer, backend), units, order)
+    for call in recurrent_sites(model):
+        for planned in call.directions:
+            units = int(getattr(planned.layer.cell, "units", 0) or 0)
+            sites[planned.site] = EditSite(planned.site, call.site, planned.layer, planned.kind.name,
+                                           planned.layer_class, units, planned.time_order)
     return sites
 
 
@@ -557,9 +548,9 @@ def intervene(
 
 def _wrapped_subclass_layer(entry) -> bool:
     from . import backends
-    from .rewrite import _wrapped_subclass
+    from .rewrite import wrapping_subclass
 
-    return _wrapped_subclass(entry.layer, backends.for_model(entry.layer)) is not None
+    return wrapping_subclass(entry.layer, backends.for_model(entry.layer)) is not None
 
 
 # --- running -----------------------------------------------------------------------------------
@@ -707,11 +698,11 @@ def intervened_inputs(intervened, inputs, *, masks: dict | None = None, sources:
 
 
 def _check_call_steps(record, time: int) -> None:
-    from .rewrite import _check_steps
+    from .rewrite import check_edit_steps
 
     for spec in record.edits.values():
         for edit in spec["edits"]:
-            _check_steps(edit, time)
+            check_edit_steps(edit, time)
 
 
 def _record_of(intervened) -> InterventionRecord:

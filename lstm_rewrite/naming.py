@@ -3,18 +3,19 @@
 An output name is a dotted path:
 ``[<model>.]<layer>[.callK][.forward|.backward][.cellK].<quantity>``, e.g. ``encoder.c``,
 ``bi.backward.h``, ``shared.call1.c``, ``body.inner.c``, ``gru.z``, ``stack.cell1.c``. Dots survive
-saving in both Keras flavours; ``/`` does not (Keras 3 refuses it in layer names).
+saving in both Keras flavours; ``/`` does not (Keras 3 refuses it in layer names). The quantity
+names come from the table of quantities (`lstm_rewrite.kinds.quantities`).
 """
 
 from __future__ import annotations
 
-import re
-
-from .cells import ALL_GATES, QUANTITY_ORDER, STATE_PREFIX, CellFamily
+from . import kinds
 from .errors import InvalidArgumentError
+from .kinds import quantities
 
 MASK = "mask"
-_STATE_NAME = re.compile(rf"{STATE_PREFIX}(\d+)")
+# What ``states=`` accepts besides a quantity's name: every gate (each layer then exposes its own).
+GATES = "gates"
 
 
 def site_name(layer_name: str, call_index: int, prefix: str = "") -> str:
@@ -35,12 +36,12 @@ def split_output_name(name: str) -> tuple[str, str]:
 
 
 def parse_states(states) -> tuple[str, ...]:
-    """Normalise a ``states=`` argument to quantity names, in canonical order.
+    """Normalise a ``states=`` argument to quantity names, in the table's order.
 
-    Names: ``c`` (cell state), ``h`` (hidden state), the LSTM gates ``i, f, g, o``, the GRU
-    gates ``z, r, n``, a custom cell's ``state0, state1, ...``; ``"gates"`` stands for every
-    gate name (each layer then exposes its own gates). A single string is one name. What a
-    request means for one layer is `quantities_for`.
+    Names: every quantity of `lstm_rewrite.kinds.quantities.QUANTITIES` (``c``, ``h``, the gates), a
+    custom cell's ``state0, state1, ...``; ``"gates"`` stands for every gate name (each layer then
+    exposes its own gates). A single string is one name. What a request means for one layer is
+    `lstm_rewrite.kinds.RecurrentKind.select`.
 
     Example:
         >>> parse_states(("gates", "c"))
@@ -53,40 +54,29 @@ def parse_states(states) -> tuple[str, ...]:
         states = (states,)
     wanted = set()
     for state in states:
-        if state == "gates":
-            wanted.update(ALL_GATES)
-        elif state in QUANTITY_ORDER or (isinstance(state, str) and _STATE_NAME.fullmatch(state)):
+        if state == GATES:
+            wanted.update(quantities.GATE_NAMES)
+        elif isinstance(state, str) and quantities.is_known(state):
             wanted.add(state)
         else:
             raise InvalidArgumentError(
-                f"Unknown state {state!r}: a recurrent layer exposes c (cell state), h (hidden state), the "
-                f"LSTM gates i, f, g, o, the GRU gates z, r, n ('gates' means each layer's own gates), and a "
-                f"custom cell its states state0, state1, .... Use e.g. states=('c', 'h', 'gates'). "
+                f"Unknown state {state!r}: {_what_layers_expose()}. Use e.g. states=('c', 'h', {GATES!r}). "
                 f"Received: states={tuple(states)!r}"
             )
     if not wanted:
         raise InvalidArgumentError(f"states= names nothing to expose. Received: states={tuple(states)!r}")
-    named = [q for q in QUANTITY_ORDER if q in wanted]
-    numbered = sorted((q for q in wanted if q not in QUANTITY_ORDER), key=lambda q: int(q[len(STATE_PREFIX):]))
-    return tuple(named + numbered)
+    return tuple(sorted(wanted, key=quantities.order_key))
 
 
-def quantities_for(requested, family: CellFamily) -> tuple[str, ...]:
-    """The quantities of one layer (of cell ``family``) that a parsed request names, in its order.
-
-    A requested ``c`` or ``h`` that the layer lacks means its recurrent state: ``c`` on a GRU or
-    SimpleRNN gives h, and ``c`` or ``h`` on a custom cell gives every one of its states. Other
-    names the layer lacks (LSTM gates on a GRU, ``state1`` on an LSTM) are skipped; the result
-    may be empty, which the rewrite refuses for a selected layer.
-
-    Example:
-        >>> quantities_for(("c", "h"), GRU_FAMILY)
-        ('h',)
-    """
-    wanted = set()
-    for q in requested:
-        if q in family.quantities:
-            wanted.add(q)
-        elif q in ("c", "h"):
-            wanted.update(family.recurrent)
-    return tuple(q for q in family.quantities if q in wanted)
+def _what_layers_expose() -> str:
+    """The valid ``states=`` names, read off the table and the registry, for error messages."""
+    named = [quantities.describe(q.name) for q in quantities.QUANTITIES if not q.is_gate]
+    gates = {}  # the gates of each kind that has any, kinds with the same gates named together
+    for kind in kinds.all_kinds():
+        if kind.gates:
+            gates.setdefault(kind.gates, []).append(kind.label)
+    gate_lists = "; ".join(f"{' and '.join(labels)}: {', '.join(quantities.describe(g) for g in names)}"
+                           for names, labels in gates.items())
+    first, second = quantities.numbered_state(0), quantities.numbered_state(1)
+    return (f"a recurrent layer exposes {', '.join(named)}, its gates ({gate_lists}; {GATES!r} means each "
+            f"layer's own gates), and a custom cell its states {first}, {second}, ...")

@@ -98,17 +98,17 @@ def test_unknown_layer_name_lists_the_lstms(flavour):
 
 def test_verification_failure_names_the_output(flavour, monkeypatch):
     """A traced model that does not reproduce the outputs is refused with the output's name."""
-    from lstm_rewrite import rewrite as rewrite_module
+    from lstm_rewrite.rewrite import weights
 
     model = small_model(flavour.keras)
     guard = Untouched(model, x)
-    original = rewrite_module.ReplacementBuilder.copy_lstm_weights
+    original = weights.copy_weights
 
-    def corrupt(self, source, traced):
-        original(self, source, traced)
+    def corrupt(backend, planned, traced):
+        original(backend, planned, traced)
         traced.rnn.cell.kernel.assign(traced.rnn.cell.kernel.numpy() + 0.1)
 
-    monkeypatch.setattr(rewrite_module.ReplacementBuilder, "copy_lstm_weights", corrupt)
+    monkeypatch.setattr(weights, "copy_weights", corrupt)
     with pytest.raises(VerificationError, match=r"'encoder': max \|diff\|") as info:
         expose_cell_states(model)
     assert not info.value.report.ok

@@ -10,4 +10,5 @@ CONV_LSTM = register(RecurrentKind(
     layer="ConvLSTM", cell="ConvLSTMCell", traced_cell="TracedConvLSTMCell",
     # Keras runs a ConvLSTMCell only inside its ConvLSTM layers, never in a plain RNN.
     standalone_cell=False,
+    spatial=True,
 ))

@@ -12,4 +12,5 @@ GENERIC = register(RecurrentKind(
     # A custom cell's weights have no known roles: they are copied in order.
     weight_roles=(),
     numbered=True,
+    copies_cell=True,
 ))

@@ -9,4 +9,6 @@ LSTM = register(RecurrentKind(
     recurrent=("c",),
     layer="LSTM", cell="LSTMCell", traced_cell="TracedLSTMCell",
     fast_path="reconstruct",
+    # Unrolled, the RNN stacks the steps' outputs itself, which needs one tensor per step.
+    split_outputs=True,
 ))

@@ -35,6 +35,15 @@ class RecurrentKind:
             {quantity: tensor}``, written against the backend's ``ops`` (see lstm_rewrite.layers).
         fast_path: the name of a faster replacement ``method=`` may choose ("reconstruct"), or None.
         numbered: whether its quantities are the numbered states of the cell (a custom cell).
+        spatial: whether its states are feature maps (ConvLSTM): the traced cell is told the call's
+            state shape, and an exposed output's ``units`` counts the cell's filters.
+        stacks: whether its cell holds other cells (``cell.cells``), each exposed as its own kind
+            under ``cell0.``, ``cell1.``, ... (StackedRNNCells).
+        copies_cell: whether the traced cell runs a copy of the user's cell (a custom cell, whose
+            step only its own code knows) rather than being rebuilt from the cell's config.
+        split_outputs: whether its traced cell may hand the loop a step's parts apart instead of
+            concatenated (cheaper); never when the layer is unrolled, where Keras stacks one
+            tensor per step.
     """
 
     name: str
@@ -50,6 +59,10 @@ class RecurrentKind:
     step: Callable[..., dict] | None = None
     fast_path: str | None = None
     numbered: bool = False
+    spatial: bool = False
+    stacks: bool = False
+    copies_cell: bool = False
+    split_outputs: bool = False
 
     @property
     def gates(self) -> tuple:

@@ -10,4 +10,5 @@ STACKED = register(RecurrentKind(
     recurrent=(),
     cell="StackedRNNCells", traced_cell="TracedStackedCells",
     weight_roles=(),
+    stacks=True,
 ))
