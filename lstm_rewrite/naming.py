@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import re
 
-from .cells import ALL_GATES, QUANTITY_ORDER, STATE_PREFIX, CellFamily
+from .kinds import RecurrentKind as CellFamily
+from .kinds.quantities import GATE_NAMES as ALL_GATES
+from .kinds.quantities import ORDER as QUANTITY_ORDER
+from .kinds.quantities import STATE_PREFIX
 from .errors import InvalidArgumentError
 
 MASK = "mask"

@@ -19,18 +19,15 @@ from typing import Callable, Iterable, Union
 
 import numpy as np
 
-from . import backends, reconstruct
-from .cells import (
-    CONV_LSTM_FAMILY,
-    GRU_FAMILY,
-    LSTM_FAMILY,
-    LSTM_STATE_INDEX,  # noqa: F401 - re-exported: the LSTM state layout other stages rely on
-    SIMPLE_RNN_FAMILY,
-    CellFamily,
-    generic_family,
-    shapes_only,
-    wrapping_call,
-)
+from . import backends, kinds
+from .kinds import RecurrentKind as CellFamily
+from .kinds.conv_lstm import CONV_LSTM as CONV_LSTM_FAMILY
+from .kinds.gru import GRU as GRU_FAMILY
+from .kinds.lstm import LSTM as LSTM_FAMILY
+from .kinds.simple_rnn import SIMPLE_RNN as SIMPLE_RNN_FAMILY
+from .layers import reconstructed as reconstruct
+from .layers.shapes import shapes_only
+from .layers.subclass import wrapping_call
 from .errors import InvalidArgumentError, UnsupportedLayerError, UnsupportedModelError
 from .graph import build_graph, walk
 from .naming import MASK, output_name, parse_states, quantities_for, site_name
@@ -278,7 +275,7 @@ def exposed_units(layer, kind: str, requested, backend) -> list:
     units = []
     for k, cell in enumerate(cells):
         row = _cell_kind(cell, backend)
-        family = row.family if row is not None else generic_family(len(_flat_sizes(cell.state_size)))
+        family = row.family if row is not None else kinds.get("generic").with_states(len(_flat_sizes(cell.state_size)))
         suffix = f"cell{k}" if kind == "stacked" else ""
         units.append(ExposedUnit(suffix, cell, family, quantities_for(requested, family)))
     return units
@@ -939,7 +936,7 @@ def rewrite_model(model, states=("c",), layers: LayerSelector = None, expose_mas
     """Rebuild ``model`` with every selected recurrent call traced. Returns ``(traced, RewriteRecord)``.
 
     This is the pass alone, without verification; `lstm_rewrite.expose_cell_states` adds it.
-    ``method`` is "trace" or "reconstruct" (see `lstm_rewrite.reconstruct`), already resolved.
+    ``method`` is "trace" or "reconstruct" (see `lstm_rewrite.layers.reconstructed`), already resolved.
 
     Example:
         >>> traced, record = rewrite_model(model, states=("c", "h"))
