@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from . import backends
 from .errors import InvalidArgumentError
-from .reconstruct import resolve_method
+from .layers.reconstructed import resolve_method
 from .rewrite import LayerSelector, record_of, rewrite_model
 from .verify import check
 
@@ -67,7 +67,7 @@ def expose_cell_states(
         method: how LSTMs are rewritten. ``"trace"`` runs the LSTM step as a traced cell in a
             generic RNN loop (exact on any device; on a GPU it gives up cuDNN). ``"reconstruct"``
             keeps Keras's own LSTM (cuDNN on a GPU) for h and rebuilds c and the gates from it
-            outside the recurrence (`lstm_rewrite.reconstruct`); stateful LSTMs and LSTMs with
+            outside the recurrence (`lstm_rewrite.layers.reconstructed`); stateful LSTMs and LSTMs with
             recurrent dropout are traced anyway. ``"auto"`` (the default) reconstructs when
             the Keras backend in use sees a GPU and traces otherwise. Other recurrent layers are always traced.
 
@@ -107,7 +107,7 @@ def expose_cell_states(
             f"export_lstmvis and the command line take it as it is; to expose other states or layers, "
             f"trace the original model. Received: a traced model ({type(model).__name__})"
         )
-    method = resolve_method(method)
+    method = resolve_method(method, backends.for_model(model))
     traced, record = rewrite_model(model, states=states, layers=layers, expose_masks=expose_masks, method=method)
     record.method = method
     if verify:

@@ -41,6 +41,7 @@ import numpy as np
 from .errors import DataError, InvalidArgumentError
 from .kinds import quantities
 from .report import AuditReport, LayerAudit, TrackingUnit
+from .rewrite.record import TIME_ORDERS
 
 __all__ = [
     "AuditThresholds",
@@ -57,9 +58,6 @@ __all__ = [
 # Sequences kept whole (every state at every valid step) for the report's explorer: a bounded
 # sample, whatever the size of the data set.
 EXPLORER_SEQUENCES = 12
-# How a layer's state sequences run in time: the values of the rewrite record's
-# `ExposedOutput.time_order` (lstm_rewrite.record), which the audit is given per layer.
-TIME_ORDERS = ("forward", "go_backwards", "backward_aligned")
 
 
 @dataclass(frozen=True)
@@ -758,7 +756,7 @@ def audit(
         True
     """
     from .capture import iter_state_batches
-    from .record import record_of
+    from .rewrite.record import record_of
 
     thresholds = AuditThresholds.coerce(thresholds)
     record = record_of(model)

@@ -90,7 +90,7 @@ class StatesMeta(NamedTuple):
 
     exposed: dict[str, dict[str, Any]]
     layer_classes: dict[str, str | None]
-    orientations: dict[str, str]
+    time_orders: dict[str, str]
     config: dict[str, Any]
 
 
@@ -386,7 +386,7 @@ class StatesModelHandler(ModelHandler):
         from .capture import _exposed_info, _runner, _trace
         from .inputs import input_specs
         from .loading import load_model
-        from .record import record_of
+        from .rewrite.record import record_of
 
         local, directory = _local_copy(self.model_path)
         try:
@@ -411,7 +411,7 @@ class StatesModelHandler(ModelHandler):
         meta = StatesMeta(
             exposed={e.name: _exposed_info(e, reversed_layers) for e in exposed},
             layer_classes={e.layer: getattr(e, "layer_class", None) for e in exposed},
-            orientations={e.layer: e.time_order for e in exposed},
+            time_orders={e.site: e.time_order for e in exposed},
             config={"states": list(dict.fromkeys(e.quantity for e in exposed)),
                     "layers": layers if layers is None or isinstance(layers, str) else list(layers),
                     "batch_size": int(self.batch_size), "model": getattr(traced, "name", None),
@@ -827,7 +827,7 @@ class AuditCombineFn(beam.CombineFn):
     def _new_layer(self, prefix: str, element: ExampleStates, samples: int) -> _LayerAccumulator:
         units = next(v for n, v in element.states.items() if _split_name(n)[0] == prefix).shape[-1]
         return _LayerAccumulator(prefix, element.meta.layer_classes.get(prefix), units, self.thresholds,
-                                 self.labels, samples, element.meta.orientations.get(prefix, "forward"))
+                                 self.labels, samples, element.meta.time_orders.get(prefix, "forward"))
 
     def _update(self, layers: dict[str, _LayerAccumulator], run: Sequence[ExampleStates], samples: int) -> None:
         first = run[0]

@@ -21,7 +21,7 @@ import numpy as np
 from . import backends
 from .errors import DataError, InvalidArgumentError, UnsupportedModelError
 from .inputs import InputSpec, array_rank, input_specs, validate_batch
-from .record import record_of
+from .rewrite.record import record_of
 
 __all__ = ["StateBatch", "CellStates", "iter_state_batches", "cell_states", "FILE_FORMAT"]
 

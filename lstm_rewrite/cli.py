@@ -179,7 +179,7 @@ def _file_and_model(info, model) -> dict[str, Any]:
 
 def cmd_inspect(args) -> int:
     from .loading import inspect_model_file
-    from .record import record_of
+    from .rewrite.record import record_of
     from .rewrite import plan_rewrite
 
     info = inspect_model_file(args.model)

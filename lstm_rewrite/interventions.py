@@ -13,7 +13,7 @@ Design (what is where):
   set of units and a set of steps. ``to_dict``/``from_dict`` give it as JSON.
 - `intervene` resolves each target against the model's recurrent calls, compiles the
   interventions into one ``edits`` list per call (plain data in the traced cell's config), and
-  runs the rewrite pass (`lstm_rewrite.rewrite`) with it. The traced cells (`lstm_rewrite.cells`)
+  runs the rewrite pass (`lstm_rewrite.rewrite`) with it. The traced cells (`lstm_rewrite.layers`)
   apply each edit where its quantity is computed in the step: a gate (i, f, g, o; z, r, n) before
   it enters c (or the GRU candidate), c before h is computed from it, h before it is output and
   carried. One edited quantity at a time, in list order.

@@ -372,7 +372,7 @@ def load_model(path: str | os.PathLike, *, safe: bool = True, custom_objects: di
     if getattr(model, "rewrite_record", None) is None:
         # A traced model saved before records were stored (0.1.0): give it the record its outputs
         # and traced layers tell (None for a model that is not traced).
-        from .record import recover_record
+        from .rewrite.record import recover_record
 
         recovered = recover_record(model)
         if recovered is not None:

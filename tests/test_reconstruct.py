@@ -214,7 +214,7 @@ def test_method_argument(flavour):
 def test_linear_scan_matches_a_loop():
     import tensorflow as tf
 
-    from lstm_rewrite.reconstruct import linear_scan
+    from lstm_rewrite.backends.keras3 import linear_scan
 
     a = rng.uniform(0, 1, size=(2, 11, 3)).astype("float32")
     b = rng.standard_normal((2, 11, 3)).astype("float32")

@@ -104,6 +104,13 @@ class Backend(Protocol):
     """The RNN class a TracedRNN runs its traced cell in."""
     TracedBidirectional: type
     """A Bidirectional over two TracedRNNs."""
+    ReconstructedLSTM: type
+    """The fast path (``method="reconstruct"``): an LSTM layer's states rebuilt from its outputs."""
+    ReconstructedBidirectional: type
+    """A TracedBidirectional whose directions may be ReconstructedLSTMs."""
+
+    def linear_scan(self, a: Any, b: Any, initial: Any) -> Any:
+        """``x_t = a_t * x_{t-1} + b_t`` over axis 1 from ``initial``, in the backend's ops (the fast path's c)."""
 
     # --- tensors and ops ----------------------------------------------------------------------
 

@@ -12,11 +12,10 @@ import keras
 import numpy as np
 from keras import ops
 from keras.src.layers.rnn.conv_lstm import ConvLSTM, ConvLSTMCell
-
 from keras.src.models.functional import Functional
 
-from ..cells import define_traced_layers
-from ..record import CarriesRecord
+from .. import layers as traced_layers
+from ..rewrite.record import CarriesRecord
 
 LSTM = keras.layers.LSTM
 LSTMCell = keras.layers.LSTMCell
@@ -33,7 +32,8 @@ Masking = keras.layers.Masking
 Identity = keras.layers.Identity
 
 
-def _dropout_masks(cell, inputs, h_tm1, training):
+def _dropout_masks(cell, inputs, h_tm1, training, count=4):
+    # Keras 3's cells draw one mask per input (count is tf-keras's).
     if training and 0.0 < cell.dropout < 1.0:
         mask = cell.get_dropout_mask(inputs)
         inputs = inputs * (mask[0] if isinstance(mask, (list, tuple)) else mask)
@@ -89,25 +89,28 @@ class PartsRNN(keras.layers.RNN):
         return output
 
 
+# --- the traced layers (lstm_rewrite.layers), bound to Keras 3 ----------------------------------
+
 # JAX's and NumPy's RNN loops carry states[0] as the previous output on masked steps
 # (keras/src/backend/jax/rnn.py); TensorFlow's and torch's carry the real previous output.
-MASKED_STEPS_REPEAT_OUTPUT = keras.backend.backend() in ("tensorflow", "torch")
-_traced = define_traced_layers(keras, ops, _dropout_masks, keras.name_scope, keras.tree, ConvLSTMCell,
-                               masked_steps_repeat_output=MASKED_STEPS_REPEAT_OUTPUT)
-for _name, _cls in _traced.items():
-    _cls.__name__ = _cls.__qualname__ = _name
-    keras.saving.register_keras_serializable(package="lstm_rewrite", name=_name)(_cls)
-TracedLSTMCell = _traced["TracedLSTMCell"]
-TracedGRUCell = _traced["TracedGRUCell"]
-TracedSimpleRNNCell = _traced["TracedSimpleRNNCell"]
-TracedConvLSTMCell = _traced["TracedConvLSTMCell"]
-TracedCell = _traced["TracedCell"]
-TracedStackedCells = _traced["TracedStackedCells"]
-TracedRNN = _traced["TracedRNN"]
-TracedSubclassRNN = _traced["TracedSubclassRNN"]  # a wrapping subclass's call around TracedRNN
+_MASKED_STEPS_REPEAT_OUTPUT = keras.backend.backend() in ("tensorflow", "torch")
+if keras.backend.backend() == "tensorflow":
+    from . import _tensorflow as _tf_graph
+else:
+    _tf_graph = None
+
+_LAYERS = traced_layers.Flavour(
+    keras=keras, ops=ops, tree=keras.tree, name_scope=keras.name_scope, dropout_masks=_dropout_masks,
+    conv_lstm_cell=ConvLSTMCell, masked_steps_repeat_output=_MASKED_STEPS_REPEAT_OUTPUT,
+    symbolic_tensor=keras.KerasTensor,
+    **(_tf_graph.GRAPH_HELPERS if _tf_graph is not None else {}),
+)
+# TracedLSTMCell, TracedGRUCell, TracedSimpleRNNCell, TracedConvLSTMCell, TracedCell,
+# TracedStackedCells, TracedRNN, TracedSubclassRNN, TracedBidirectional, ReconstructedLSTM,
+# ReconstructedBidirectional, linear_scan.
+globals().update(traced_layers.bind(_LAYERS, __name__))
 keras.saving.register_keras_serializable(package="lstm_rewrite", name="PartsRNN")(PartsRNN)
 InnerRNN = PartsRNN
-TracedBidirectional = _traced["TracedBidirectional"]
 
 
 # --- the graph -----------------------------------------------------------------------------

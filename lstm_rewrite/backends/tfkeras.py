@@ -12,12 +12,11 @@ import types
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
+from tf_keras.src.engine.functional import Functional
 from tf_keras.src.layers.rnn.base_conv_lstm import ConvLSTM, ConvLSTMCell
 
-from tf_keras.src.engine.functional import Functional
-
-from ..cells import define_traced_layers
-from ..record import CarriesRecord
+from .. import layers as traced_layers
+from ..rewrite.record import CarriesRecord
 from . import _tensorflow
 
 LSTM = keras.layers.LSTM
@@ -52,7 +51,7 @@ ops = types.SimpleNamespace(
     unstack=lambda x, axis=0: tf.unstack(x, axis=axis),
     convert_to_tensor=tf.convert_to_tensor,
     any=lambda x, axis=None, keepdims=False: tf.reduce_any(x, axis=axis, keepdims=keepdims),
-    # Interventions (cells.py): step and unit selection inside the step.
+    # Interventions (layers/edits.py): step and unit selection inside the step.
     greater=tf.greater,
     greater_equal=tf.greater_equal,
     less=tf.less,
@@ -61,31 +60,33 @@ ops = types.SimpleNamespace(
     clip=tf.clip_by_value,
 )
 # Nested state lists (stacked cells), under keras.tree's names.
-tree = types.SimpleNamespace(flatten=tf.nest.flatten, pack_sequence_as=tf.nest.pack_sequence_as)
+_tree = types.SimpleNamespace(flatten=tf.nest.flatten, pack_sequence_as=tf.nest.pack_sequence_as)
 
 
-def _dropout_masks(cell, inputs, h_tm1, training):
+def _dropout_masks(cell, inputs, h_tm1, training, count=4):
+    # tf-keras draws ``count`` masks at once (a single one not in a list); the first is used.
     if training and 0.0 < cell.dropout < 1.0:
-        inputs = inputs * cell.get_dropout_mask_for_cell(inputs, training, count=4)[0]
+        inputs = inputs * _first(cell.get_dropout_mask_for_cell(inputs, training, count=count))
     if training and 0.0 < cell.recurrent_dropout < 1.0:
-        h_tm1 = h_tm1 * cell.get_recurrent_dropout_mask_for_cell(h_tm1, training, count=4)[0]
+        h_tm1 = h_tm1 * _first(cell.get_recurrent_dropout_mask_for_cell(h_tm1, training, count=count))
     return inputs, h_tm1
 
 
-_traced = define_traced_layers(keras, ops, _dropout_masks, tf.name_scope, tree, ConvLSTMCell)
-for _name, _cls in _traced.items():
-    _cls.__name__ = _cls.__qualname__ = _name
-    keras.saving.register_keras_serializable(package="lstm_rewrite", name=_name)(_cls)
-TracedLSTMCell = _traced["TracedLSTMCell"]
-TracedGRUCell = _traced["TracedGRUCell"]
-TracedSimpleRNNCell = _traced["TracedSimpleRNNCell"]
-TracedConvLSTMCell = _traced["TracedConvLSTMCell"]
-TracedCell = _traced["TracedCell"]
-TracedStackedCells = _traced["TracedStackedCells"]
-TracedRNN = _traced["TracedRNN"]
-TracedSubclassRNN = _traced["TracedSubclassRNN"]  # a wrapping subclass's call around TracedRNN
+def _first(masks):
+    return masks[0] if isinstance(masks, (list, tuple)) else masks
+
+
+# --- the traced layers (lstm_rewrite.layers), bound to tf-keras ---------------------------------
+
+_LAYERS = traced_layers.Flavour(
+    keras=keras, ops=ops, tree=_tree, name_scope=tf.name_scope, dropout_masks=_dropout_masks,
+    conv_lstm_cell=ConvLSTMCell, **_tensorflow.GRAPH_HELPERS,
+)
+# TracedLSTMCell, TracedGRUCell, TracedSimpleRNNCell, TracedConvLSTMCell, TracedCell,
+# TracedStackedCells, TracedRNN, TracedSubclassRNN, TracedBidirectional, ReconstructedLSTM,
+# ReconstructedBidirectional, linear_scan.
+globals().update(traced_layers.bind(_LAYERS, __name__))
 InnerRNN = RNN  # tf-keras's RNN keeps a tuple of step outputs apart already
-TracedBidirectional = _traced["TracedBidirectional"]
 
 
 # --- the graph -----------------------------------------------------------------------------

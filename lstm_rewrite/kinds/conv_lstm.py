@@ -2,6 +2,26 @@
 
 from .registry import RecurrentKind, register
 
+
+def step(ops, cell, inputs, states, recurrent_input, edit) -> dict:
+    """One Keras ConvLSTM step (see `RecurrentKind.step`): the LSTM's, with the kernels' matmuls
+    as the cell's own convolutions; reads c_{t-1} = ``states[1]``, ``[batch, *state_shape]``."""
+    kernels = ops.split(cell.kernel, 4, axis=cell.rank + 1)
+    recurrent_kernels = ops.split(cell.recurrent_kernel, 4, axis=cell.rank + 1)
+    biases = ops.split(cell.bias, 4) if cell.use_bias else [None] * 4
+    z_i, z_f, z_g, z_o = (
+        cell.input_conv(inputs, k, b, padding=cell.padding) + cell.recurrent_conv(recurrent_input, rk)
+        for k, rk, b in zip(kernels, recurrent_kernels, biases)
+    )  # [batch, *state_shape] each
+    i = edit("i", cell.recurrent_activation(z_i))
+    f = edit("f", cell.recurrent_activation(z_f))
+    g = edit("g", cell.activation(z_g))
+    o = edit("o", cell.recurrent_activation(z_o))
+    c = edit("c", f * states[1] + i * g)
+    h = edit("h", o * cell.activation(c))
+    return {"c": c, "h": h, "i": i, "f": f, "g": g, "o": o}
+
+
 CONV_LSTM = register(RecurrentKind(
     name="conv_lstm", label="ConvLSTM",
     quantities=("c", "h", "i", "f", "g", "o"),
@@ -11,4 +31,5 @@ CONV_LSTM = register(RecurrentKind(
     # Keras runs a ConvLSTMCell only inside its ConvLSTM layers, never in a plain RNN.
     standalone_cell=False,
     spatial=True,
+    step=step,
 ))

@@ -32,7 +32,24 @@ class RecurrentKind:
         weight_roles: the cell's weights by role, in the order they are copied; a trailing
             "bias" is skipped when the cell has ``use_bias=False``. Empty: copied in order.
         step: the step math, ``step(ops, cell, inputs, states, recurrent_input, edit) ->
-            {quantity: tensor}``, written against the backend's ``ops`` (see lstm_rewrite.layers).
+            {quantity: tensor}`` (every quantity of the kind, one step), written against the
+            backend's ``ops`` (``keras.ops`` names) and the Keras cell's own weights and
+            activations, so it runs under every flavour; the traced cells of
+            `lstm_rewrite.layers.cells` call it. Its arguments:
+
+            - ``ops``: the op namespace.
+            - ``cell``: the (traced) Keras cell whose weights it reads.
+            - ``inputs``: the step's input, after input dropout (``[batch, features]``; a
+              ConvLSTM's ``[batch, *spatial, channels]``).
+            - ``states``: the previous states, in the Keras cell's order; a step reads only those
+              it needs, in the shape it computes with (an LSTM or ConvLSTM reads c, a GRU h).
+            - ``recurrent_input``: the previous h after recurrent dropout, what the recurrent
+              kernel multiplies (shaped like the state).
+            - ``edit``: ``edit(quantity, value) -> value``, applied to each quantity where the step
+              computes it, before it feeds the next (gates before c, c before h); an identity
+              without interventions, so it adds no op.
+
+            None for kinds that run their cell as it is (stacked, generic).
         fast_path: the name of a faster replacement ``method=`` may choose ("reconstruct"), or None.
         numbered: whether its quantities are the numbered states of the cell (a custom cell).
         spatial: whether its states are feature maps (ConvLSTM): the traced cell is told the call's

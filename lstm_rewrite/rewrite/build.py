@@ -10,7 +10,7 @@ its weights are copied once it is built (`lstm_rewrite.rewrite.weights`).
 
 from __future__ import annotations
 
-from .. import reconstruct
+from ..layers import reconstructed
 from .match import copy_cell, flat_state_sizes
 
 
@@ -41,7 +41,7 @@ class ReplacementBuilder:
         bi = site.layer
         directions = [self.traced_layer(d, output_shape, bi.return_sequences, bi.return_state, edits)
                       for d in site.directions]
-        return reconstruct.bidirectional_class(self.backend, directions)(
+        return reconstructed.bidirectional_class(self.backend, directions)(
             *directions, merge_mode=bi.merge_mode, return_sequences=bi.return_sequences,
             return_state=bi.return_state, name=bi.name, dtype=self.backend.dtype_policy(bi),
         )
@@ -141,11 +141,11 @@ class ReplacementBuilder:
 
 def _reconstructed(builder, planned, return_sequences, return_state):
     """The ``"reconstruct"`` fast path: a ReconstructedLSTM, or None where it declines the layer
-    (`lstm_rewrite.reconstruct.unsupported_reason`, or a subclass running its own call)."""
+    (`lstm_rewrite.layers.reconstructed.unsupported_reason`, or a subclass running its own call)."""
     layer = planned.layer
-    if reconstruct.unsupported_reason(layer) is not None or planned.subclass is not None:
+    if reconstructed.unsupported_reason(layer) is not None or planned.subclass is not None:
         return None
-    return reconstruct.reconstructed_lstm(
+    return reconstructed.reconstructed_lstm(
         builder.backend, layer, planned.traced_name, planned.cells[0].quantities,
         expose_mask=builder.expose_masks,
         return_sequences=layer.return_sequences if return_sequences is None else return_sequences,

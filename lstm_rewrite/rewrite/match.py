@@ -15,7 +15,7 @@ import functools
 import numpy as np
 
 from .. import kinds
-from ..cells import wrapping_call
+from ..layers.subclass import wrapping_call
 from ..errors import UnsupportedLayerError
 from ..kinds import RecurrentKind
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..cells import shapes_only
+from ..layers.shapes import shapes_only
 from ..errors import InvalidArgumentError, UnsupportedLayerError, UnsupportedModelError
 from ..naming import MASK, output_name, site_name
 from . import weights
