@@ -10,7 +10,9 @@ harness for both trees; only ``lstm_rewrite`` comes from each tree)::
 
 Options: ``--rounds`` (default 15, ``--quick`` 7), ``--quick`` (the first two sizes), ``--flavour``,
 ``--sizes``, ``--kinds``, ``--variants`` (default the original and the library's three),
-``--call compiled|predict_on_batch``, ``--json PATH``. ``KERAS_BACKEND`` passes through to both
+``--call compiled|predict_on_batch``, ``--json PATH``. On a machine shared with other jobs add
+``--measure cpu --threads 1``: each call's CPU time on one TensorFlow thread, which other jobs
+barely change (wall time on a loaded machine moves by 2x between rounds). ``KERAS_BACKEND`` passes through to both
 workers (on JAX use ``--flavour keras3 --call predict_on_batch``).
 
 How: one long-lived worker process per tree (``PYTHONPATH`` and ``sys.path`` start with that
@@ -80,15 +82,24 @@ def worker(tree: str, call: str) -> None:
             points[key] = {"original": original, **variants}
             answer = {"point": key, "variants": list(points[key]), "max_abs_diff": diffs, "library": where}
         else:
-            answer = {"s": common.timed(points[request["point"]][request["variant"]])}
+            run_ = points[request["point"]][request["variant"]]
+            start, start_cpu = time.perf_counter(), time.process_time()
+            run_()
+            answer = {"s": time.perf_counter() - start, "cpu": time.process_time() - start_cpu}
         reply_to.write(json.dumps(answer) + "\n")
 
 
 class Worker:
     """The parent's handle on a worker process."""
 
-    def __init__(self, tree: str, call: str):
+    def __init__(self, tree: str, call: str, threads: int | None = None):
         env = {**os.environ, "PYTHONPATH": tree, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        if threads:
+            env.update(TF_NUM_INTEROP_THREADS=str(threads), TF_NUM_INTRAOP_THREADS=str(threads))
+            # JAX on the CPU: XLA's own thread pool.
+            # (XLA_FLAGS must start with a "--" flag, or XLA reads it as a file name.)
+            xla = (["--xla_cpu_multi_thread_eigen=false"] if threads == 1 else []) + [f"intra_op_parallelism_threads={threads}"]
+            env["XLA_FLAGS"] = " ".join(xla + [env.get("XLA_FLAGS", "")]).strip()
         self.tree = tree
         self.log = open(os.devnull, "w") if not os.environ.get("COMPARE_TREES_LOG") else sys.stderr
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", tree, "--call", call],
@@ -114,9 +125,11 @@ class Worker:
 # --- the comparison -------------------------------------------------------------------------
 
 
-def compare(old: str, new: str, flavours, sizes, kinds, variants, rounds: int, call: str) -> dict:
+def compare(old: str, new: str, flavours, sizes, kinds, variants, rounds: int, call: str,
+            measure: str = "wall", threads: int | None = None) -> dict:
     """Time every (point, variant) under both trees, ``rounds`` interleaved rounds; see the module docstring."""
-    trees = {"old": Worker(old, call), "new": Worker(new, call)}
+    trees = {"old": Worker(old, call, threads), "new": Worker(new, call, threads)}
+    reply_key = "s" if measure == "wall" else "cpu"
     try:
         points, setup = [], {}
         for flavour in flavours:
@@ -138,7 +151,7 @@ def compare(old: str, new: str, flavours, sizes, kinds, variants, rounds: int, c
                 for j, variant in enumerate(variants):
                     order = ("old", "new") if (r + k + j) % 2 == 0 else ("new", "old")
                     for side in order:
-                        seconds = trees[side].ask(op="time", point=point, variant=variant)["s"]
+                        seconds = trees[side].ask(op="time", point=point, variant=variant)[reply_key]
                         if r >= 0:
                             times[point, variant][side].append(seconds)
             print(f"round {r + 1}/{rounds} ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -147,7 +160,8 @@ def compare(old: str, new: str, flavours, sizes, kinds, variants, rounds: int, c
             w.close()
     rows = [summarize(point, variant, times[point, variant], times.get((point, "original")))
             for point in points for variant in variants]
-    return {"old": old, "new": new, "call": call, "rounds": rounds, "rows": rows, "max_abs_diff": setup,
+    return {"old": old, "new": new, "call": call, "rounds": rounds, "measure": measure, "threads": threads,
+            "rows": rows, "max_abs_diff": setup,
             "libraries": libraries,
             "load_average": list(os.getloadavg())}
 
@@ -175,6 +189,7 @@ def summarize(point: str, variant: str, times: dict, original: dict | None) -> d
 
 def table(result: dict) -> str:
     lines = [f"old: {result['old']}  new: {result['new']}  ({result['call']} calls, {result['rounds']} rounds, "
+             f"{result.get('measure', 'wall')} time, threads {result.get('threads') or 'default'}, "
              f"load at the end {result['load_average'][0]:.1f})", "",
              "| point | variant | old ms (min) | new ms (min) | new/old median | new/old min | old max/min | "
              "new max/min | noise | x orig old | x orig new | |",
@@ -211,6 +226,11 @@ def main(argv=None):
     parser.add_argument("--kinds", default=",".join(common.KINDS))
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     parser.add_argument("--call", choices=["compiled", "predict_on_batch"], default="compiled")
+    parser.add_argument("--measure", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or the worker's CPU time (with --threads 1: a call's work alone, which "
+                             "other jobs on a shared machine barely change)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="TensorFlow's inter- and intra-op threads (and XLA's on the CPU, for JAX)")
     parser.add_argument("--json", help="also write the result (every time) here")
     parser.add_argument("--worker", metavar="TREE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -222,7 +242,7 @@ def main(argv=None):
     sizes = args.sizes.split(",") if args.sizes else (common.QUICK_SIZES if args.quick else tuple(common.SIZES))
     rounds = args.rounds or (7 if args.quick else 15)
     result = compare(os.path.abspath(args.old), os.path.abspath(args.new), flavours, sizes, args.kinds.split(","),
-                     args.variants.split(","), rounds, args.call)
+                     args.variants.split(","), rounds, args.call, args.measure, args.threads)
     result["machine"] = common.machine_info()
     print()
     print(table(result))
