@@ -26,16 +26,18 @@ The table, per point and variant: the median and minimum time of each tree, new/
 of medians and of minima, each tree's spread (max/min and median/min across its rounds) and each
 tree's ratio to its own original (median of the per-round ratios). A row is flagged ``SLOWER``
 when new/old exceeds ``1 + noise`` both for the medians and for the minima, where ``noise`` is the
-larger median/min - 1 of the two trees: new is slower by more than a call of either tree
-typically strays above its best in this run. ``faster`` is the mirror image. The ``original``
-rows run the same Keras code under both trees: they are the control, and a flagged original
-says that this run's spread was underestimated (too few rounds for the machine's noise).
+larger median/min - 1 of the two trees (how far a call of either tree typically strays above its
+best in this run), and at least how far the point's ``original`` row is from 1. That row runs the
+same Keras code under both trees: it is the control, and a flagged original says that this run's
+spread was underestimated (too few rounds for the machine's noise; 2 rounds only smoke-test the
+script). ``faster`` is the mirror image.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -158,15 +160,20 @@ def compare(old: str, new: str, flavours, sizes, kinds, variants, rounds: int, c
     finally:
         for w in trees.values():
             w.close()
-    rows = [summarize(point, variant, times[point, variant], times.get((point, "original")))
-            for point in points for variant in variants]
+    rows = []
+    for point in points:
+        control = summarize(point, "original", times[point, "original"], None) if "original" in variants else None
+        for variant in variants:
+            rows.append(control if variant == "original" else
+                        summarize(point, variant, times[point, variant], times.get((point, "original")), control))
     return {"old": old, "new": new, "call": call, "rounds": rounds, "measure": measure, "threads": threads,
             "rows": rows, "max_abs_diff": setup,
             "libraries": libraries,
             "load_average": list(os.getloadavg())}
 
 
-def summarize(point: str, variant: str, times: dict, original: dict | None) -> dict:
+def summarize(point: str, variant: str, times: dict, original: dict | None, control: dict | None = None) -> dict:
+    """One row of the table (see the module docstring); ``control`` is the point's original row."""
     row = {"point": point, "variant": variant, "times": times}
     for side in ("old", "new"):
         t = times[side]
@@ -177,6 +184,9 @@ def summarize(point: str, variant: str, times: dict, original: dict | None) -> d
     row["ratio_median"] = row["new"]["median_s"] / row["old"]["median_s"]
     row["ratio_min"] = row["new"]["min_s"] / row["old"]["min_s"]
     noise = max(row["old"]["median_over_min"], row["new"]["median_over_min"]) - 1
+    if control is not None:
+        # What the same code measured under both trees at this point: a floor for the noise.
+        noise = max(noise, *(abs(math.log(control[k])) for k in ("ratio_median", "ratio_min")))
     row["noise"] = noise
     if row["ratio_median"] > 1 + noise and row["ratio_min"] > 1 + noise:
         row["flag"] = "SLOWER"
@@ -202,7 +212,7 @@ def table(result: dict) -> str:
             f"| {r['point']} | {r['variant']} | {o['median_s'] * 1e3:.1f} ({o['min_s'] * 1e3:.1f}) | "
             f"{n['median_s'] * 1e3:.1f} ({n['min_s'] * 1e3:.1f}) | {r['ratio_median']:.3f} | {r['ratio_min']:.3f} | "
             f"{o['max_over_min']:.2f} | {n['max_over_min']:.2f} | {r['noise']:.3f} | {xo} | {xn} | {r['flag']} |")
-    slower = [f"{r['point']} {r['variant']}" for r in result["rows"] if r["flag"] == "SLOWER"]
+    slower = [f"{r['point']} {r['variant']}" for r in result["rows"] if r["flag"] == "SLOWER" and r["variant"] != "original"]
     lines.append("")
     lines.append("slower beyond the spread: " + (", ".join(slower) if slower else "none"))
     control = [r["point"] for r in result["rows"] if r["variant"] == "original" and r["flag"]]
