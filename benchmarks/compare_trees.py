@@ -11,9 +11,11 @@ harness for both trees; only ``lstm_rewrite`` comes from each tree)::
 Options: ``--rounds`` (default 15, ``--quick`` 7), ``--quick`` (the first two sizes), ``--flavour``,
 ``--sizes``, ``--kinds``, ``--variants`` (default the original and the library's three),
 ``--call compiled|predict_on_batch``, ``--json PATH``. On a machine shared with other jobs add
-``--measure cpu --threads 1``: each call's CPU time on one TensorFlow thread, which other jobs
-barely change (wall time on a loaded machine moves by 2x between rounds). ``KERAS_BACKEND`` passes through to both
-workers (on JAX use ``--flavour keras3 --call predict_on_batch``).
+``--measure cpu --threads 1``: each call's CPU time on one TensorFlow (or XLA) thread, which other
+jobs barely change (wall time on a loaded machine moves by 2x between rounds). ``KERAS_BACKEND``
+passes through to both workers (on JAX use ``--flavour keras3 --call predict_on_batch``), and so
+do glibc's ``MALLOC_*`` variables: ``predict_on_batch`` copies every output into new arrays,
+whose page faults are much of a traced model's time under glibc's defaults (RESULTS.md).
 
 How: one long-lived worker process per tree (``PYTHONPATH`` and ``sys.path`` start with that
 tree, checked on start-up), which builds every grid point once (`run.grid_variants`: the grid
