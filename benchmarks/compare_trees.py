@@ -58,13 +58,12 @@ def worker(tree: str, call: str) -> None:
 
     Requests: ``{"op": "setup", "flavour", "size", "kind"}`` (build the point; reply its variants
     and their output differences to the original), ``{"op": "time", "point", "variant"}`` (reply
-    the seconds of one call), ``{"op": "quit"}``.
+    the wall and CPU seconds of one call), ``{"op": "quit"}``.
     """
     # Replies go to the real stdout; whatever the libraries print goes to stderr.
     reply_to = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     sys.path.insert(0, HERE)
-    import common
     import run
 
     # `run` puts its own checkout first on the path; the library must come from ``tree``.
