@@ -44,13 +44,20 @@ import numpy as np  # noqa: E402
 OUT = os.path.join(HERE, "out")
 SCALING_LAYERS = (1, 10, 50, 100)
 TARGETS = {"trace_c": 1.05, "trace_all": 1.3}
+# The library's variants of a grid cell: (name, states, method) for `expose_cell_states`.
+LIBRARY_VARIANTS = (("trace_c", ("c",), "trace"), ("trace_all", common.ALL_STATES, "trace"),
+                    ("reconstruct_c", ("c",), "reconstruct"))
 
 
 # --- grid ------------------------------------------------------------------------------------
 
 
-def grid_variants(flavour, kind, size, call):
-    """The model, its input and ``{variant: run}`` for one grid cell; also the output checks."""
+def grid_variants(flavour, kind, size, call, baselines=True):
+    """The original's run, ``{variant: run}`` and the output checks for one grid cell.
+
+    ``baselines=False`` leaves out the hand-written baselines (they do not run the library:
+    `compare_trees` times only what differs between two trees).
+    """
     from lstm_rewrite import expose_cell_states
 
     keras = common.keras_of(flavour)
@@ -61,15 +68,14 @@ def grid_variants(flavour, kind, size, call):
     original = common.compiled_runner(model, x, call)
     want = original()[0]
     variants, diffs = {}, {}
-    for name, states, method in (("trace_c", ("c",), "trace"), ("trace_all", common.ALL_STATES, "trace"),
-                                 ("reconstruct_c", ("c",), "reconstruct")):
+    for name, states, method in LIBRARY_VARIANTS:
         traced = expose_cell_states(model, states=states, method=method, verify=False)
         variants[name] = common.compiled_runner(traced, x, call)
         diffs[name] = float(np.max(np.abs(variants[name]()[0] - want)))
     # The baselines are TensorFlow code (an eager loop of tf ops, a cell subclass the JAX loop cannot
     # zero): on Keras 3's other backends the grid times the original and the library's variants only.
     tensorflow = flavour == "tfkeras" or keras.backend.backend() == "tensorflow"
-    if kind == "lstm" and tensorflow:
+    if baselines and kind == "lstm" and tensorflow:
         lstm = model.get_layer("lstm")
         variants["concat_rnn"] = common.compiled_runner(common.concat_rnn_model(keras, lstm, steps, features), x, call)
         diffs["concat_rnn"] = float(np.max(np.abs(variants["concat_rnn"]()[0] - want)))
@@ -151,8 +157,7 @@ def memory_child(flavour, size, call):
     model = common.build_model(keras, "lstm", steps, features, units)
     x = common.make_data(7, batch, steps, features, masked=False)
     models = {"original": model}
-    for name, states, method in (("trace_c", ("c",), "trace"), ("trace_all", common.ALL_STATES, "trace"),
-                                 ("reconstruct_c", ("c",), "reconstruct")):
+    for name, states, method in LIBRARY_VARIANTS:
         models[name] = expose_cell_states(model, states=states, method=method, verify=False)
     models["concat_rnn"] = common.concat_rnn_model(keras, model.get_layer("lstm"), steps, features)
     result = {}
