@@ -29,6 +29,14 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "tensorflow_only(reason): needs TensorFlow as the Keras 3 backend; skipped, with the "
                    "reason, in a run on JAX or torch")
+    config.addinivalue_line(
+        "markers", "backend_independent(reason): checks nothing that depends on the Keras 3 backend (the "
+                   "reason says what covers the backend's part); the TensorFlow run covers it, a run on JAX "
+                   "or torch skips it to keep `make test` short")
+
+
+def _reason(marker, default: str) -> str:
+    return marker.kwargs.get("reason") or (marker.args[0] if marker.args else default)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,8 +45,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         marker = item.get_closest_marker("tensorflow_only")
         if marker is not None:
-            reason = marker.kwargs.get("reason") or (marker.args[0] if marker.args else "TensorFlow only")
+            reason = _reason(marker, "TensorFlow only")
             item.add_marker(pytest.mark.skip(reason=f"Keras 3 on {KERAS_BACKEND}: {reason}"))
+            continue
+        marker = item.get_closest_marker("backend_independent")
+        if marker is not None:
+            reason = _reason(marker, "nothing backend-specific")
+            item.add_marker(pytest.mark.skip(
+                reason=f"Keras 3 on {KERAS_BACKEND}: backend-independent, the TensorFlow run covers it ({reason})"))
 
 
 def keras_of(name: str):

@@ -184,6 +184,8 @@ def test_beam_states_equal_cell_states(corpus, tmp_path):
 
 # Keras 3 only: one multi-process run is enough; the subprocess start dominates its time.
 @pytest.mark.parametrize("flavour", ["keras3"], indirect=True)
+@pytest.mark.backend_independent(
+    reason="Beam's multi-process runner; the in-process pipelines above run the model on this backend")
 def test_two_worker_processes_give_the_local_audit(corpus, flavour):
     path, pattern, x, depth = corpus
     options = PipelineOptions(direct_num_workers=2, direct_running_mode="multi_processing")
@@ -323,6 +325,7 @@ def test_bad_data_patterns(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.backend_independent(reason="imports in a fresh interpreter; no model runs")
 def test_library_and_cli_do_not_import_beam():
     code = (
         "import sys, lstm_rewrite, lstm_rewrite.cli, lstm_rewrite.capture, lstm_rewrite.audit\n"

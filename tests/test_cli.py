@@ -185,6 +185,9 @@ def test_states_of_a_two_input_model_from_npz(flavour, files, capsys, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.backend_independent(
+    reason="the audit command without a model; test_demo.py audits the demo, and the audit tests below a saved "
+           "model, on this backend")
 def test_audit_of_the_bundled_demo(capsys, tmp_path):
     out = tmp_path / "report"
     code, stdout, _ = run(["audit", "--out", out, "--quiet"], capsys)
@@ -238,6 +241,7 @@ def hostile(tmp_path_factory):
     return root / "hostile.h5", marker
 
 
+@pytest.mark.backend_independent(reason="a tf-keras file, refused before it loads")
 def test_hostile_model_is_refused_unless_unsafe(hostile, capsys, tmp_path):
     path, marker = hostile
     code, _, err = run(["expose", path, "-o", tmp_path / "t.keras"], capsys)
@@ -280,6 +284,8 @@ def test_usage_and_input_errors(files, capsys, tmp_path):
     assert run(["--help"], capsys)[0] == 0
 
 
+@pytest.mark.backend_independent(
+    reason="the console script on a tf-keras file; the in-process tests above run every command on this backend")
 def test_subprocess_entry_point(files, tmp_path):
     """The installed console script (or ``python -m lstm_rewrite.cli`` without one), for real."""
     script = os.path.join(os.path.dirname(sys.executable), "lstm-rewrite")
@@ -325,6 +331,9 @@ def test_tensorflow_log_stays_off_stderr(flavour, files, tmp_path):
     assert not TF_LOG.search(done.stderr), done.stderr
 
 
+@pytest.mark.backend_independent(
+    reason="TensorFlow's start-up log kept by --verbose, the same flag handling on every backend; "
+           "test_log_level_is_the_users checks it in-process")
 def test_verbose_keeps_tensorflow_log(files, tmp_path):
     done = run_cli(["inspect", files["keras3"][0], "--verbose"], tmp_path)
     assert done.returncode == 0, done.stderr

@@ -77,6 +77,9 @@ def test_the_sample_holds_every_state_in_input_time(flavour):
         assert units == np.argsort(-std, kind="stable")[:len(units)].tolist()
 
 
+@pytest.mark.backend_independent(
+    reason="which tokens the page shows, read from the data or the caller; the sample's values are checked on "
+           "this backend above")
 def test_tokens_come_from_the_data_or_the_caller(flavour):
     model = two_lstms(flavour.keras)
     x = padded_ids(4)
@@ -95,6 +98,9 @@ def test_tokens_come_from_the_data_or_the_caller(flavour):
     assert gru["quantities"] == ["h", "z", "r", "n"] and data["initial"]["quantity"] == "h"
 
 
+@pytest.mark.backend_independent(
+    reason="the page's files and markup, written from the report; the sample's values are checked on this "
+           "backend above")
 def test_the_page_carries_the_explorer_and_stays_a_report(flavour, tmp_path, capsys):
     model = two_lstms(flavour.keras)
     x = padded_ids(5)

@@ -484,6 +484,8 @@ def test_audit_causal_section(flavour, tmp_path):
     assert (tmp_path / "report" / "causal.png").stat().st_size > 0
 
 
+@pytest.mark.backend_independent(
+    reason="the CLI's --causal flag; test_audit_causal_section runs the demo's causal audit on this backend")
 def test_cli_audit_causal_on_the_demo(capsys, tmp_path):
     from lstm_rewrite.cli import main
 

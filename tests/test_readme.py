@@ -112,6 +112,7 @@ IMPORTS = {
 
 
 @pytest.mark.parametrize("imports", list(IMPORTS.values()), ids=list(IMPORTS))
+@pytest.mark.backend_independent(reason="the package's names in a fresh interpreter; no model runs")
 def test_public_names_are_what_the_readme_says_in_a_fresh_interpreter(imports):
     # A fresh interpreter: in this one, other tests have already imported the submodules.
     check = imports + """
@@ -127,6 +128,7 @@ assert inspect.isclass(AuditThresholds)
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.backend_independent(reason="imports in a fresh interpreter; no model runs")
 def test_importing_the_package_stays_cheap():
     check = """
 import sys, lstm_rewrite

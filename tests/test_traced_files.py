@@ -57,16 +57,26 @@ def formats(flavour):
     return [".keras"] + ([".h5"] if flavour.name == "tfkeras" else [])
 
 
+@pytest.fixture(scope="module")
+def saved_by_flavour():
+    """``saved``'s value per flavour, built once for the module: tracing and saving take seconds, and
+    the tests that take ``saved`` only read the models and files."""
+    return {}
+
+
 @pytest.fixture
-def saved(flavour, tmp_path):
+def saved(flavour, saved_by_flavour, tmp_path_factory):
     """(original, fresh traced model, {suffix: path of the saved traced model}, x)."""
-    model = tagger(flavour.keras)
-    traced = expose_cell_states(model, states=("c", "h", "gates"), expose_masks=True)
-    paths = {}
-    for suffix in formats(flavour):
-        paths[suffix] = str(tmp_path / f"traced{suffix}")
-        traced.save(paths[suffix])
-    return model, traced, paths, ids()
+    if flavour.name not in saved_by_flavour:
+        model = tagger(flavour.keras)
+        traced = expose_cell_states(model, states=("c", "h", "gates"), expose_masks=True)
+        directory = tmp_path_factory.mktemp(f"saved_{flavour.name}")
+        paths = {}
+        for suffix in formats(flavour):
+            paths[suffix] = str(directory / f"traced{suffix}")
+            traced.save(paths[suffix])
+        saved_by_flavour[flavour.name] = (model, traced, paths)
+    return (*saved_by_flavour[flavour.name], ids())
 
 
 def test_the_record_is_saved_with_the_model(saved, flavour):
@@ -130,6 +140,9 @@ def test_tracing_a_traced_model_says_it_is_traced(saved):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.backend_independent(
+    reason="the command line over a traced file; the Python chain above (save, load, cell_states, audit) runs "
+           "on this backend")
 def test_cli_chain_on_a_traced_file(flavour, tmp_path, capsys):
     model = tagger(flavour.keras)
     x = ids()
