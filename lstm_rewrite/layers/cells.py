@@ -49,6 +49,8 @@ class TracedStepCell:
         super().__init__(units, **kwargs)
         self.extras = tuple(extras)
         self.split_outputs = bool(split_outputs) and self.kind.split_outputs
+        # Whether this call's loop may keep the parts apart (`TracedRNN` decides per call).
+        self.emit_split = True
         self.edits = [dict(e) for e in (edits or ())]
         self.input_width = input_width
         # The Keras cell assigns output_size in __init__; widen it to hold h and every extra.
@@ -69,7 +71,7 @@ class TracedStepCell:
         found = self.kind.step(ops, self, inputs, previous, h_in, edits.step_editor(ops, self, t, channels))
         new_states = [found[q] for q in self._state_order]
         parts = [found["h"]] + [found[q] for q in self.extras]
-        if self.split_outputs:
+        if self.split_outputs and self.emit_split:
             # Concatenating every step and slicing the sequence apart afterwards cost two
             # passes over all the exposed states: up to 1.6x the LSTM's time with every gate.
             output = tuple(parts)
