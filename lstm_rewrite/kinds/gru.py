@@ -43,4 +43,5 @@ GRU = register(RecurrentKind(
     recurrent=("h",),
     layer="GRU", cell="GRUCell", traced_cell="TracedGRUCell",
     step=step,
+    dropout_draws=3,
 ))

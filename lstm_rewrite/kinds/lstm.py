@@ -29,6 +29,7 @@ LSTM = register(RecurrentKind(
     recurrent=("c",),
     layer="LSTM", cell="LSTMCell", traced_cell="TracedLSTMCell",
     step=step,
+    dropout_draws=4,
     fast_path="reconstruct",
     # Unrolled, the RNN stacks the steps' outputs itself, which needs one tensor per step.
     split_outputs=True,

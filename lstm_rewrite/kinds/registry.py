@@ -61,6 +61,8 @@ class RecurrentKind:
         split_outputs: whether its traced cell may hand the loop a step's parts apart instead of
             concatenated (cheaper); never when the layer is unrolled, where Keras stacks one
             tensor per step.
+        dropout_draws: how many dropout masks tf-keras's cell draws at once (its gates' count); the
+            traced cell draws as many and uses the first, as the Keras cell does.
     """
 
     name: str
@@ -80,6 +82,7 @@ class RecurrentKind:
     stacks: bool = False
     copies_cell: bool = False
     split_outputs: bool = False
+    dropout_draws: int = 1
 
     @property
     def gates(self) -> tuple:

@@ -17,16 +17,23 @@ from __future__ import annotations
 import functools
 import types
 
+from .. import kinds
 from . import bidirectional, cells, reconstructed, subclass, traced_rnn
 from .flavour import Flavour, plain_python
 from .shapes import shapes_only, shapes_only_active
 
-# name -> (the class holding its code, its base in the flavour): a Keras class, given as a
-# function of the flavour, or the name of a class bound before it.
+
+def _keras_cell(kind):
+    return lambda f: getattr(f.keras.layers, kind.cell)
+
+
+# name -> (the class holding its code, its base in the flavour: a Keras class, given as a function
+# of the flavour, or the name of a class bound before it, and what the class holds besides).
+# Every kind with a flat step gets its traced cell from the registry: one `TracedStepCell` over
+# the kind's Keras cell.
 _CLASSES = {
-    "TracedLSTMCell": (cells.TracedLSTMCell, lambda f: f.keras.layers.LSTMCell),
-    "TracedGRUCell": (cells.TracedGRUCell, lambda f: f.keras.layers.GRUCell),
-    "TracedSimpleRNNCell": (cells.TracedSimpleRNNCell, lambda f: f.keras.layers.SimpleRNNCell),
+    **{kind.traced_cell: (cells.TracedStepCell, _keras_cell(kind), {"kind": kind})
+       for kind in kinds.all_kinds() if kind.step is not None and not kind.spatial},
     "TracedConvLSTMCell": (cells.TracedConvLSTMCell, lambda f: f.conv_lstm_cell),
     "TracedCell": (cells.TracedCell, lambda f: f.keras.layers.Layer),
     "TracedStackedCells": (cells.TracedStackedCells, lambda f: f.keras.layers.Layer),
@@ -58,9 +65,10 @@ def bind(flavour: Flavour, module: str) -> dict:
         True
     """
     register = flavour.keras.saving.register_keras_serializable
-    for name, (code, base) in _CLASSES.items():
+    for name, (code, base, *held) in _CLASSES.items():
         base = flavour.classes[base] if isinstance(base, str) else base(flavour)
-        namespace = {"flavour": flavour, "__module__": module, "__qualname__": name, "__doc__": code.__doc__}
+        namespace = {"flavour": flavour, "__module__": module, "__qualname__": name, "__doc__": code.__doc__,
+                     **(held[0] if held else {})}
         # Autograph's keep-away, where the flavour has one, on the calls marked for it.
         namespace.update({attr: flavour.plain_python(value) for attr, value in vars(code).items()
                           if getattr(value, "plain_python", False)})

@@ -19,9 +19,8 @@ from .. import kinds
 from ..kinds import quantities
 from . import edits
 
-# The traced cells' registered names (also what a legacy .h5 config calls them).
-TRACED_CELLS = ("TracedLSTMCell", "TracedGRUCell", "TracedSimpleRNNCell", "TracedConvLSTMCell", "TracedCell",
-                "TracedStackedCells")
+# The traced cells' registered names (also what a legacy .h5 config calls them): one per kind.
+TRACED_CELLS = tuple(kind.traced_cell for kind in kinds.all_kinds())
 
 
 def traced_cells(flavour) -> dict:
@@ -29,117 +28,62 @@ def traced_cells(flavour) -> dict:
     return {name: flavour.classes[name] for name in TRACED_CELLS}
 
 
-class TracedLSTMCell:
-    """The Keras LSTM step, emitting ``concat([h, *extras])`` as its output.
+class TracedStepCell:
+    """A built-in Keras cell (LSTM, GRU, SimpleRNN) running its kind's step and emitting
+    ``concat([h, *extras])`` as its output.
 
-    ``extras`` names, in order, the quantities appended after h: any of c, h, i, f, g, o.
-    The state list is the LSTM's own ``[h, c]``, so the recurrence is unchanged.
+    One class for every kind whose step is flat (``RecurrentKind.step``, not ``spatial``): `bind`
+    makes one per kind over that kind's Keras cell (``TracedLSTMCell`` over ``LSTMCell``, ...) and
+    gives it its ``kind``. ``extras`` names, in order, the quantities appended after h (any of the
+    kind's). The state list is the Keras cell's own (``[h, c]``, ``[h]``), so the recurrence is
+    unchanged.
 
-    With ``split_outputs`` the step returns the tuple ``(h, *extras)`` instead: the RNN loop then
-    keeps one sequence per part (`TracedRNN` takes both layouts). ``output_size`` still
-    describes the concatenation, which is what shape inference sees.
+    With ``split_outputs`` (kinds that allow it) the step returns the tuple ``(h, *extras)``
+    instead: the RNN loop then keeps one sequence per part (`TracedRNN` takes both layouts).
+    ``output_size`` still describes the concatenation, which is what shape inference sees.
     """
 
-    kind = kinds.get("lstm")
+    kind = None  # the RecurrentKind, set per class by `lstm_rewrite.layers.bind`
 
     def __init__(self, units, extras=(), split_outputs=False, edits=(), input_width=None, **kwargs):
         super().__init__(units, **kwargs)
         self.extras = tuple(extras)
-        self.split_outputs = bool(split_outputs)
+        self.split_outputs = bool(split_outputs) and self.kind.split_outputs
+        # Whether this call's loop may keep the parts apart (`TracedRNN` decides per call).
+        self.emit_split = True
         self.edits = [dict(e) for e in (edits or ())]
         self.input_width = input_width
-        # LSTMCell assigns output_size in __init__; widen it to hold h and every extra.
+        # The Keras cell assigns output_size in __init__; widen it to hold h and every extra.
         self.output_size = self.units * (1 + len(self.extras))
         self.step_output_size = self.units
+        # The new states, in the Keras cell's order: [h, c] for an LSTM, [h] for a GRU.
+        self._state_order = sorted(self.kind.state_index, key=self.kind.state_index.get)
 
     def build(self, input_shape):
         super().build(edits.edited_input_shape(self, input_shape))
 
     def call(self, inputs, states, training=False):
         ops = self.flavour.ops
+        listed = isinstance(states, (list, tuple))
+        previous = list(states) if listed else [states]
         inputs, t, channels = edits.split_edit_inputs(self, inputs)
-        inputs, h_in = self.flavour.dropout_masks(self, inputs, states[0], training, 4)
-        found = self.kind.step(ops, self, inputs, states, h_in, edits.step_editor(ops, self, t, channels))
-        h, c = found["h"], found["c"]
-        parts = [h] + [found[q] for q in self.extras]
-        if self.split_outputs:
+        inputs, h_in = self.flavour.dropout_masks(self, inputs, previous[0], training, self.kind.dropout_draws)
+        found = self.kind.step(ops, self, inputs, previous, h_in, edits.step_editor(ops, self, t, channels))
+        new_states = [found[q] for q in self._state_order]
+        parts = [found["h"]] + [found[q] for q in self.extras]
+        if self.split_outputs and self.emit_split:
             # Concatenating every step and slicing the sequence apart afterwards cost two
             # passes over all the exposed states: up to 1.6x the LSTM's time with every gate.
-            return tuple(parts), [h, c]
-        return ops.concatenate(parts, axis=-1), [h, c]
+            output = tuple(parts)
+        else:
+            output = parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
+        return output, (new_states if listed else new_states[0])
 
     def get_config(self):
-        return {**super().get_config(), "extras": list(self.extras), "split_outputs": self.split_outputs,
-                **edits.edit_config(self)}
-
-
-class TracedGRUCell:
-    """The Keras GRU step (both ``reset_after`` variants), emitting ``concat([h, *extras])``.
-
-    ``extras``: any of h, z (update gate), r (reset gate), n (candidate). The state list is
-    the GRU's own ``[h]``.
-    """
-
-    kind = kinds.get("gru")
-
-    def __init__(self, units, extras=(), edits=(), input_width=None, **kwargs):
-        super().__init__(units, **kwargs)
-        self.extras = tuple(extras)
-        self.output_size = self.units * (1 + len(self.extras))
-        self.step_output_size = self.units
-        self.edits = [dict(e) for e in (edits or ())]
-        self.input_width = input_width
-
-    def build(self, input_shape):
-        super().build(edits.edited_input_shape(self, input_shape))
-
-    def call(self, inputs, states, training=False):
-        ops = self.flavour.ops
-        listed = isinstance(states, (list, tuple))
-        h_tm1 = states[0] if listed else states
-        inputs, t, channels = edits.split_edit_inputs(self, inputs)
-        inputs, h_in = self.flavour.dropout_masks(self, inputs, h_tm1, training, 4)
-        found = self.kind.step(ops, self, inputs, [h_tm1], h_in, edits.step_editor(ops, self, t, channels))
-        h = found["h"]
-        output = ops.concatenate([h] + [found[q] for q in self.extras], axis=-1)
-        return output, ([h] if listed else h)
-
-    def get_config(self):
-        return {**super().get_config(), "extras": list(self.extras), **edits.edit_config(self)}
-
-
-class TracedSimpleRNNCell:
-    """The Keras SimpleRNN step: its output is its state h, the only quantity it has.
-
-    ``extras`` may hold "h" (a stacked cell emits its h after the stack's output).
-    """
-
-    kind = kinds.get("simple_rnn")
-
-    def __init__(self, units, extras=(), edits=(), input_width=None, **kwargs):
-        super().__init__(units, **kwargs)
-        self.extras = tuple(extras)
-        self.output_size = self.units * (1 + len(self.extras))
-        self.step_output_size = self.units
-        self.edits = [dict(e) for e in (edits or ())]
-        self.input_width = input_width
-
-    def build(self, input_shape):
-        super().build(edits.edited_input_shape(self, input_shape))
-
-    def call(self, inputs, states, training=False):
-        ops = self.flavour.ops
-        listed = isinstance(states, (list, tuple))
-        h_tm1 = states[0] if listed else states
-        inputs, t, channels = edits.split_edit_inputs(self, inputs)
-        # One mask each, as the Keras cell draws them.
-        inputs, h_in = self.flavour.dropout_masks(self, inputs, h_tm1, training, 1)
-        h = self.kind.step(ops, self, inputs, [h_tm1], h_in, edits.step_editor(ops, self, t, channels))["h"]
-        output = ops.concatenate([h] * (1 + len(self.extras)), axis=-1) if self.extras else h
-        return output, ([h] if listed else h)
-
-    def get_config(self):
-        return {**super().get_config(), "extras": list(self.extras), **edits.edit_config(self)}
+        config = {**super().get_config(), "extras": list(self.extras), **edits.edit_config(self)}
+        if self.kind.split_outputs:
+            config["split_outputs"] = self.split_outputs
+        return config
 
 
 class TracedConvLSTMCell:

@@ -36,6 +36,8 @@ class Flavour:
             output on masked steps (TensorFlow, torch). Keras 3's JAX and NumPy loops repeat
             ``states[0]`` instead (keras/src/backend/jax/rnn.py), which is not a traced cell's
             output: there the inner RNN zeroes masked steps and `TracedRNN` fills them itself.
+        loop_keeps_tuples: whether the backend's RNN loop keeps a step's tuple of outputs as a
+            tuple of sequences (every backend but Keras 3's NumPy, which stacks them into one array).
         symbolic_tensor: Keras 3's ``KerasTensor`` (a shape and dtype, no graph op), or None
             (tf-keras traces its layers into a real graph).
         graph_placeholder: ``f(tensor) -> make(shape, dtype)`` making one placeholder op for a
@@ -56,6 +58,7 @@ class Flavour:
     dropout_masks: Callable
     conv_lstm_cell: type
     masked_steps_repeat_output: bool = True
+    loop_keeps_tuples: bool = True
     symbolic_tensor: type | None = None
     graph_placeholder: Callable | None = None
     plain_python: Callable = _unchanged

@@ -41,11 +41,10 @@ def fill_masked(ops, parts, step_mask):
     index = ops.maximum(last_valid, 0)
     filled = []
     for part in parts:
-        gather = index
-        for _ in range(len(part.shape) - 2):
-            gather = ops.expand_dims(gather, -1)
-        repeated = ops.take_along_axis(part, gather + ops.zeros_like(part, dtype="int32"), axis=1)
-        filled.append(ops.where(expand_like(ops, seen, part), repeated, ops.zeros_like(part)))
+        # [batch, time, 1, ...]: take_along_axis broadcasts it over the part's trailing axes (JAX
+        # and NumPy, the backends that fill), so no index array of the part's size is made.
+        repeated = ops.take_along_axis(part, expand_like(ops, index, part), axis=1)
+        filled.append(ops.where(expand_like(ops, seen, part), repeated, 0.0))
     return filled
 
 

@@ -115,11 +115,9 @@ class TracedRNN(WrapsRecurrentLayer):
         # one backend loads under another): where the loop repeats the previous output it keeps
         # every step's parts as they are; elsewhere it zeroes masked steps, the same on every
         # backend, and `fill_masked` repeats the last valid step's parts as such a loop would.
-        # A step output must then be one tensor (the loop zeroes it with one `where`).
-        repeats = self.flavour.masked_steps_repeat_output
-        self.rnn.zero_output_for_mask = not repeats
-        if not repeats and getattr(self.rnn.cell, "split_outputs", False):
-            self.rnn.cell.split_outputs = False
+        # A masked step output must then be one tensor (the loop zeroes it with one `where`): see
+        # `_choose_layout`.
+        self.rnn.zero_output_for_mask = not self.flavour.masked_steps_repeat_output
 
     def build(self, input_shape):
         # Build the inner RNN here, not lazily in call: Keras 3 traces call in a stateless scope
@@ -188,6 +186,17 @@ class TracedRNN(WrapsRecurrentLayer):
             states = tree.pack_sequence_as(plain_lists(structure), list(states))
         return states
 
+    def _choose_layout(self, mask) -> None:
+        """Let a cell with split outputs hand the loop its parts apart for this call, except where
+        the loop needs one tensor per step: the JAX and NumPy loops zero a masked step's output
+        with one `where` and flip a backwards layer's outputs as one array, and NumPy's loop
+        stacks a tuple into one array. There the step concatenates its parts and `_parts` slices
+        them apart; the saved config (``split_outputs``) is the same either way."""
+        cell, flavour = self.rnn.cell, self.flavour
+        if hasattr(cell, "emit_split"):
+            cell.emit_split = flavour.masked_steps_repeat_output or (
+                flavour.loop_keeps_tuples and mask is None and not self.rnn.go_backwards)
+
     @plain_python
     def call(self, inputs, initial_state=None, mask=None, training=None, edit_inputs=None):
         ops, flavour = self.flavour.ops, self.flavour
@@ -195,6 +204,7 @@ class TracedRNN(WrapsRecurrentLayer):
         reset_dropout_masks(self.rnn.cell)
         if self.edit_channels is not None:
             inputs = edits.with_edit_channels(ops, self, inputs, edit_inputs)
+        self._choose_layout(mask)
         if shapes_only_active():
             results = zeros_for_rnn(flavour, self.rnn, inputs, self._step_shapes)
         if not shapes_only_active() or results is None:
