@@ -170,6 +170,10 @@ class Backend(Protocol):
     def call_traced(self, layer, inputs, initial_state, mask, kwargs) -> Any:
         """Call a traced recurrent layer the way the original call was made."""
 
+    def zeroes_masked_output(self, layer) -> bool:
+        """Whether a recurrent layer's own call outputs zeros on masked steps (its
+        ``zero_output_for_mask``, where its call honours it), which its traced copy then does too."""
+
     def stateful_variables(self, layer) -> list:
         """The state variables of a stateful recurrent layer (empty for others)."""
 
