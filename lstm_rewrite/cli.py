@@ -197,7 +197,7 @@ def cmd_inspect(args) -> int:
             {"site": s.site, "layer": s.layer.name, "class": s.layer_class or type(s.layer).__name__,
              "kind": s.kind, "selected": bool(s.selected),
              "adds": list(s.output_names) if s.selected else [],
-             "config": _site_config(s.layer.forward_layer if s.kind == "bidirectional" else s.layer)}
+             "config": _site_config(s.layer.forward_layer if s.bidirectional else s.layer)}
             for s in sites
         ],
         "not_rewritten": [{"layer": n, "class": c} for n, c in _other_recurrent_layers(model, covered)],

@@ -47,10 +47,19 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
+from . import kinds
 from .errors import InvalidArgumentError, UnsupportedLayerError
 
-# Quantities each kind of recurrent layer can edit.
-EDITABLE = {"lstm": ("c", "h", "i", "f", "g", "o"), "gru": ("h", "z", "r", "n"), "simple_rnn": ("h",)}
+
+def editable_quantities(kind_name: str) -> tuple:
+    """What interventions can edit in a layer of this kind: every quantity of a kind whose traced
+    cell runs its step with edit points (`RecurrentKind.has_flat_step`); nothing for the others."""
+    kind = kinds.get(kind_name)
+    return kind.quantities if kind.has_flat_step else ()
+
+
+def _edited_labels() -> str:
+    return ", ".join(k.label for k in kinds.all_kinds() if k.has_flat_step)
 
 
 # --- steps and units -------------------------------------------------------------------------
@@ -312,10 +321,10 @@ def _resolve(target: str, sites: dict) -> tuple:
             f"The intervention on {target!r} names the site {site!r}, which is not a recurrent layer call of this "
             f"model. Its recurrent sites are {sorted(sites)} (a Bidirectional's as '<name>.forward' / "
             f"'<name>.backward'). Received: target={target!r}")
-    editable = EDITABLE.get(entry.kind)
-    if editable is None:
+    editable = editable_quantities(entry.kind)
+    if not editable:
         raise UnsupportedLayerError(
-            f"Layer {site!r} ({entry.layer_class}) takes no interventions: only LSTM, GRU and SimpleRNN steps "
+            f"Layer {site!r} ({entry.layer_class}) takes no interventions: only {_edited_labels()} steps "
             f"(and RNN over their cells) are edited. Target another layer. Received: target={target!r}")
     if quantity not in editable:
         raise InvalidArgumentError(
@@ -761,8 +770,8 @@ class SweepResult:
 def _default_target(model) -> str:
     sites = edit_sites(model)
     for site, entry in sites.items():
-        if entry.kind in EDITABLE:
-            return f"{site}.{'c' if entry.kind == 'lstm' else 'h'}"
+        if editable_quantities(entry.kind):
+            return f"{site}.{kinds.get(entry.kind).recurrent[0]}"
     raise InvalidArgumentError(
         f"Model {model.name!r} has no LSTM, GRU or SimpleRNN call to intervene on. Received sites: {sorted(sites)}")
 
@@ -984,9 +993,9 @@ def causal_section(model, data, report, metric: Callable, *, targets=None, draws
     section = {}
     for prefix, layer in report.layers.items():
         entry = sites.get(prefix)
-        if entry is None or entry.kind not in EDITABLE:
+        if entry is None or not editable_quantities(entry.kind):
             continue
-        quantity = "c" if entry.kind == "lstm" else "h"
+        quantity = kinds.get(entry.kind).recurrent[0]
         target = f"{prefix}.{quantity}"
         importance = unit_importance(model, data, metric, target, value=value, targets=targets)
         found = {"target": target, "baseline": importance.baseline, "passes": importance.passes,

@@ -7,8 +7,7 @@ model per case and flavour holds the layer forwards, with ``go_backwards`` and i
 kind (``states=("c", "h", "gates")``), and each exposed sequence must equal the reference: name,
 time order, shape and values; so must the original outputs (what a masked step outputs follows
 this run's Keras loop, `conftest.masked_output`). A kind registered without a case fails
-`test_every_kind_has_a_case`. Where the traced model differs from the original today, the case is
-listed, with why, in `KNOWN_DIFFERENCES` (an expected failure that fails once it is fixed).
+`test_every_kind_has_a_case`; the traced model's original outputs must equal the original's.
 """
 
 from __future__ import annotations
@@ -290,15 +289,6 @@ def zero_output_for_mask(layer, flavour_name: str, case: Case) -> bool:
     return bool(layer.zero_output_for_mask) and not (flavour_name == "tfkeras" and case.name.startswith("ConvLSTM"))
 
 
-# Where the traced layer's original outputs differ from the original's today (flavour, case) -> why.
-KNOWN_DIFFERENCES = {
-    ("tfkeras", "ConvLSTM2D"): "the traced ConvLSTM honours the zero_output_for_mask that Bidirectional sets, "
-                               "which tf-keras's own ConvLSTM ignores: on masked steps of a masked "
-                               "Bidirectional(ConvLSTM2D) it outputs zeros where the original repeats its "
-                               "previous output",
-}
-
-
 def check_outputs(t: Traced, case: Case, flavour_name: str, branches: dict, mask):
     """The original outputs equal the reference's (on masked steps what this run's Keras loop
     outputs: `conftest.masked_output`), and the traced model's original outputs are the original's."""
@@ -312,16 +302,9 @@ def check_outputs(t: Traced, case: Case, flavour_name: str, branches: dict, mask
         want = wants[0] if len(wants) == 1 else np.concatenate([wants[0], wants[1][:, ::-1]], axis=-1)
         np.testing.assert_allclose(t.original[names.index(branch)], want, atol=1e-5, rtol=1e-4,
                                    err_msg=f"{case.name}: {branch}")
-    known = KNOWN_DIFFERENCES.get((flavour_name, case.name)) if mask is not None else None
-    try:
-        for branch in branches:
-            np.testing.assert_allclose(t.named[branch], t.original[names.index(branch)], atol=1e-6,
-                                       err_msg=f"{case.name}: the traced model's output {branch!r}")
-    except AssertionError:
-        if known:
-            pytest.xfail(known)
-        raise
-    assert not known, f"{case.name} on {flavour_name} no longer differs: remove it from KNOWN_DIFFERENCES"
+    for branch in branches:
+        np.testing.assert_allclose(t.named[branch], t.original[names.index(branch)], atol=1e-6,
+                                   err_msg=f"{case.name}: the traced model's output {branch!r}")
 
 
 @pytest.mark.parametrize("case", CASES)

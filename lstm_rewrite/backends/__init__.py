@@ -8,7 +8,7 @@ TFRecord reader, its GPU check) lives once, in ``_tensorflow``, which only a bac
 
 This package itself imports no framework: the stages import it freely, and a flavour's module is
 imported on first use. Besides the interface it offers what needs no flavour: `flavour_of`, `get`,
-`for_model`, `keras_module`, `import_tensorflow`, `gpu_visible` and `read_tfrecord`.
+`for_model`, `keras_module`, `import_tensorflow` and `read_tfrecord`.
 
 Example:
     >>> backend = for_model(model)
@@ -27,7 +27,7 @@ from types import ModuleType
 from typing import Any, ContextManager, Protocol, runtime_checkable
 
 __all__ = ["Backend", "FLAVOURS", "interface_names", "flavour_of", "get", "for_model", "keras_module",
-           "import_tensorflow", "gpu_visible", "read_tfrecord"]
+           "import_tensorflow", "read_tfrecord"]
 
 FLAVOURS = ("keras3", "tfkeras")
 _MODULES = {"keras3": "lstm_rewrite.backends.keras3", "tfkeras": "lstm_rewrite.backends.tfkeras"}
@@ -170,6 +170,10 @@ class Backend(Protocol):
     def call_traced(self, layer, inputs, initial_state, mask, kwargs) -> Any:
         """Call a traced recurrent layer the way the original call was made."""
 
+    def zeroes_masked_output(self, layer) -> bool:
+        """Whether a recurrent layer's own call outputs zeros on masked steps (its
+        ``zero_output_for_mask``, where its call honours it), which its traced copy then does too."""
+
     def stateful_variables(self, layer) -> list:
         """The state variables of a stateful recurrent layer (empty for others)."""
 
@@ -298,34 +302,6 @@ def import_tensorflow(while_loading: Callable[[], ContextManager] = contextlib.n
         return None
     with while_loading():
         return importlib.import_module("tensorflow")
-
-
-def _keras3_backend_name() -> str | None:
-    """The Keras 3 backend's name ("tensorflow", "torch", "jax", ...) when Keras 3 is imported."""
-    keras = sys.modules.get("keras")
-    backend = getattr(keras, "backend", None)
-    if backend is None or not hasattr(backend, "backend"):
-        return None
-    return backend.backend()
-
-
-def gpu_visible() -> bool:
-    """Whether the Keras in use computes on a GPU, for a decision made before any model is read
-    (``method="auto"``). With a model in hand, ask ``for_model(model).gpu_visible()``.
-
-    Under Keras 3 on a backend other than TensorFlow this asks that backend (torch, JAX); otherwise
-    TensorFlow, which runs both tf-keras and Keras 3 on TensorFlow. False when neither is there.
-
-    Example:
-        >>> method = "reconstruct" if gpu_visible() else "trace"
-    """
-    if _keras3_backend_name() not in (None, "tensorflow"):
-        return get("keras3").gpu_visible()
-    if importlib.util.find_spec("tensorflow") is None:
-        return False
-    from . import _tensorflow
-
-    return _tensorflow.gpu_visible()
 
 
 def read_tfrecord(path: str) -> Iterator[Mapping[str, Any]]:

@@ -208,6 +208,10 @@ def call_traced(layer, inputs, initial_state, mask, kwargs):
     return layer(inputs, **call_kwargs)
 
 
+def zeroes_masked_output(layer) -> bool:
+    return bool(getattr(layer, "zero_output_for_mask", False))
+
+
 def stateful_variables(layer):
     """The state variables of a stateful RNN layer (empty for others)."""
     if getattr(layer, "stateful", False) and getattr(layer, "states", None) is not None:

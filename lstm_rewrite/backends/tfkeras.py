@@ -184,6 +184,14 @@ def call_traced(layer, inputs, initial_state, mask, kwargs):
     return layer(inputs, **call_kwargs)
 
 
+def zeroes_masked_output(layer) -> bool:
+    # tf-keras's ConvLSTM layers never pass zero_output_for_mask to their loop
+    # (tf_keras/src/layers/rnn/base_conv_rnn.py), though Bidirectional sets it on its halves.
+    if isinstance(layer, ConvLSTM):
+        return False
+    return bool(getattr(layer, "zero_output_for_mask", False))
+
+
 def stateful_variables(layer):
     if getattr(layer, "stateful", False) and getattr(layer, "states", None) is not None:
         return [s for s in flatten(layer.states) if hasattr(s, "assign")]

@@ -90,6 +90,12 @@ class RecurrentKind:
         return tuple(q for q in self.quantities if q in quantities.GATE_NAMES)
 
     @property
+    def has_flat_step(self) -> bool:
+        """Whether its traced cell runs `step` over flat ``[batch, units]`` states (LSTM, GRU,
+        SimpleRNN): one traced cell class serves all such kinds, and interventions edit them."""
+        return self.step is not None and not self.spatial
+
+    @property
     def states(self) -> tuple:
         """Its quantities that are recurrent states, in output order."""
         return tuple(q for q in self.quantities if q in self.state_index)

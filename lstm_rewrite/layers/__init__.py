@@ -33,7 +33,7 @@ def _keras_cell(kind):
 # the kind's Keras cell.
 _CLASSES = {
     **{kind.traced_cell: (cells.TracedStepCell, _keras_cell(kind), {"kind": kind})
-       for kind in kinds.all_kinds() if kind.step is not None and not kind.spatial},
+       for kind in kinds.all_kinds() if kind.has_flat_step},
     "TracedConvLSTMCell": (cells.TracedConvLSTMCell, lambda f: f.conv_lstm_cell),
     "TracedCell": (cells.TracedCell, lambda f: f.keras.layers.Layer),
     "TracedStackedCells": (cells.TracedStackedCells, lambda f: f.keras.layers.Layer),

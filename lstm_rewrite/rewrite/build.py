@@ -133,7 +133,7 @@ class ReplacementBuilder:
             rnn,
             return_sequences=layer.return_sequences if return_sequences is None else return_sequences,
             return_state=layer.return_state if return_state is None else return_state,
-            zero_output_for_mask=bool(getattr(layer, "zero_output_for_mask", False)),
+            zero_output_for_mask=backend.zeroes_masked_output(layer),
             expose_mask=self.expose_masks, name=planned.traced_name, dtype=backend.dtype_policy(layer),
             **traced_config,
         )
