@@ -1,5 +1,6 @@
 """The ConvLSTM kind: ``ConvLSTM1D/2D/3D``; an LSTM whose states are feature maps."""
 
+from .lstm import lstm_update
 from .registry import RecurrentKind, register
 
 
@@ -9,17 +10,11 @@ def step(ops, cell, inputs, states, recurrent_input, edit) -> dict:
     kernels = ops.split(cell.kernel, 4, axis=cell.rank + 1)
     recurrent_kernels = ops.split(cell.recurrent_kernel, 4, axis=cell.rank + 1)
     biases = ops.split(cell.bias, 4) if cell.use_bias else [None] * 4
-    z_i, z_f, z_g, z_o = (
+    pre_activations = [
         cell.input_conv(inputs, k, b, padding=cell.padding) + cell.recurrent_conv(recurrent_input, rk)
         for k, rk, b in zip(kernels, recurrent_kernels, biases)
-    )  # [batch, *state_shape] each
-    i = edit("i", cell.recurrent_activation(z_i))
-    f = edit("f", cell.recurrent_activation(z_f))
-    g = edit("g", cell.activation(z_g))
-    o = edit("o", cell.recurrent_activation(z_o))
-    c = edit("c", f * states[1] + i * g)
-    h = edit("h", o * cell.activation(c))
-    return {"c": c, "h": h, "i": i, "f": f, "g": g, "o": o}
+    ]  # [batch, *state_shape] each
+    return lstm_update(cell, pre_activations, states[1], edit)
 
 
 CONV_LSTM = register(RecurrentKind(

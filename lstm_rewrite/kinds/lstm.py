@@ -11,13 +11,21 @@ def step(ops, cell, inputs, states, recurrent_input, edit) -> dict:
     z = ops.matmul(inputs, cell.kernel) + ops.matmul(recurrent_input, cell.recurrent_kernel)
     if cell.use_bias:
         z = z + cell.bias
-    z_i, z_f, z_g, z_o = ops.split(z, 4, axis=-1)  # [batch, units] each
-    # Each edit where its quantity enters the step: gates before they make c, c before h.
+    return lstm_update(cell, ops.split(z, 4, axis=-1), states[1], edit)  # [batch, units] each
+
+
+def lstm_update(cell, pre_activations, c_prev, edit) -> dict:
+    """The LSTM equations from the gates' pre-activations ``(z_i, z_f, z_g, z_o)`` and c_{t-1},
+    with the cell's activations; shared by every LSTM kind (ConvLSTM's come from convolutions).
+
+    Each edit applies where its quantity enters the step: gates before they make c, c before h.
+    """
+    z_i, z_f, z_g, z_o = pre_activations
     i = edit("i", cell.recurrent_activation(z_i))
     f = edit("f", cell.recurrent_activation(z_f))
     g = edit("g", cell.activation(z_g))
     o = edit("o", cell.recurrent_activation(z_o))
-    c = edit("c", f * states[1] + i * g)
+    c = edit("c", f * c_prev + i * g)
     h = edit("h", o * cell.activation(c))
     return {"c": c, "h": h, "i": i, "f": f, "g": g, "o": o}
 
