@@ -342,7 +342,9 @@ def _exposed_info(e, reversed_layers: Mapping[str, bool | None]) -> dict[str, An
     return {"layer": e.layer, "quantity": e.quantity, "layer_class": getattr(e, "layer_class", None),
             "units": None if getattr(e, "units", None) is None else int(e.units),
             "shape": None if not shape else [int(d) for d in shape],
-            "reversed": reversed_layers.get(e.layer)}
+            "reversed": reversed_layers.get(e.layer),
+            # The record's one name for it; "reversed" stays for readers of earlier files.
+            "time_order": getattr(e, "time_order", None)}
 
 
 class CellStates(Mapping):
@@ -357,10 +359,12 @@ class CellStates(Mapping):
             order of that layer's states) or ``None`` where every step is valid.
         lengths: layer prefix -> ``(sequences,)`` int32 number of valid steps.
         exposed: output name -> ``{"layer", "quantity", "layer_class", "units", "shape",
-            "reversed"}`` (``shape``: one step's shape, e.g. ``[rows, cols, filters]`` for ConvLSTM2D);
-            ``reversed`` is true for a ``go_backwards`` LSTM, whose time axis (and mask) runs from
-            the last input step to the first, false when the axis follows the input, ``None`` when
-            unknown (an already traced model was passed).
+            "reversed", "time_order"}`` (``shape``: one step's shape, e.g. ``[rows, cols,
+            filters]`` for ConvLSTM2D); ``time_order`` is the record's (``"forward"``,
+            ``"go_backwards"``, ``"backward_aligned"``); ``reversed`` is true for a ``go_backwards``
+            LSTM, whose time axis (and mask) runs from the last input step to the first, false
+            when the axis follows the input, ``None`` when unknown (files written before the
+            record kept time orders).
         config: how the states were captured (states, layers, batch size, model name, flavour).
         path: the HDF5 file backing the values, or ``None`` in memory.
     """
