@@ -50,8 +50,29 @@ class PartsRNN(keras.layers.RNN):
     single ``[part, batch, time, units]`` tensor: a copy of every exposed sequence that the traced
     layer then sliced apart again (two extra passes; a small LSTM with every state exposed went
     from 1.32x to 1.18x the original's time without them). This ``call`` is ``RNN.call`` with the
-    cast applied per part.
+    cast applied per part. On JAX the loop is the library's own (`lstm_rewrite.backends._jax`):
+    it writes each step into its batch-major place and repeats the real previous output on
+    masked steps.
     """
+
+    # Whether masked steps repeat the real previous output (`TracedRNN` reads it): Keras's loop
+    # does on TensorFlow and torch, this class's own on JAX; Keras's NumPy loop does not.
+    repeats_previous_output = keras.backend.backend() != "numpy"
+
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        if keras.backend.backend() != "jax":
+            return super().inner_loop(sequences, initial_state, mask, training=training)
+        from ._jax import parts_loop
+
+        cell_kwargs = {"training": training} if self.cell._call_has_training_arg else {}
+
+        def step(inputs, states):
+            output, new_states = self.cell(inputs, states, **cell_kwargs)
+            return output, new_states if keras.tree.is_nested(new_states) else [new_states]
+
+        return parts_loop(step, sequences, initial_state if keras.tree.is_nested(initial_state) else [initial_state],
+                          mask=mask, go_backwards=self.go_backwards, unroll=self.unroll,
+                          return_all_outputs=self.return_sequences)
 
     def call(self, sequences, initial_state=None, mask=None, training=False):
         expected, received = getattr(self, "_expected_batch_size", None), sequences.shape[0]
@@ -91,8 +112,9 @@ class PartsRNN(keras.layers.RNN):
 
 # --- the traced layers (lstm_rewrite.layers), bound to Keras 3 ----------------------------------
 
-# JAX's and NumPy's RNN loops carry states[0] as the previous output on masked steps
-# (keras/src/backend/jax/rnn.py); TensorFlow's and torch's carry the real previous output.
+# Keras's JAX and NumPy RNN loops carry states[0] as the previous output on masked steps
+# (keras/src/backend/jax/rnn.py); TensorFlow's and torch's carry the real previous output, as
+# `PartsRNN`'s own loop on JAX does (a Keras 3 file of 0.1.0 holds Keras's own RNN).
 _MASKED_STEPS_REPEAT_OUTPUT = keras.backend.backend() in ("tensorflow", "torch")
 if keras.backend.backend() == "tensorflow":
     from . import _tensorflow as _tf_graph

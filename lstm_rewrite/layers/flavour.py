@@ -32,10 +32,12 @@ class Flavour:
             cell's (recurrent) dropout the way the flavour's cells do in training; ``count`` is
             how many masks the Keras cell draws at once (tf-keras), of which the first is used.
         conv_lstm_cell: the flavour's ``ConvLSTMCell`` class (public in neither flavour).
-        masked_steps_repeat_output: whether the backend's RNN loop repeats the real previous
-            output on masked steps (TensorFlow, torch). Keras 3's JAX and NumPy loops repeat
-            ``states[0]`` instead (keras/src/backend/jax/rnn.py), which is not a traced cell's
-            output: there the inner RNN zeroes masked steps and `TracedRNN` fills them itself.
+        masked_steps_repeat_output: whether Keras's RNN loop on this backend repeats the real
+            previous output on masked steps (TensorFlow, torch). Keras 3's JAX and NumPy loops
+            repeat ``states[0]`` instead (keras/src/backend/jax/rnn.py), which is not a traced
+            cell's output: there the inner RNN zeroes masked steps and `TracedRNN` fills them
+            itself. An inner RNN class that runs its own loop says what it does as its
+            ``repeats_previous_output`` attribute (Keras 3's ``PartsRNN`` on JAX).
         loop_keeps_tuples: whether the backend's RNN loop keeps a step's tuple of outputs as a
             tuple of sequences (every backend but Keras 3's NumPy, which stacks them into one array).
         symbolic_tensor: Keras 3's ``KerasTensor`` (a shape and dtype, no graph op), or None

@@ -117,7 +117,8 @@ class TracedRNN(WrapsRecurrentLayer):
         # backend, and `fill_masked` repeats the last valid step's parts as such a loop would.
         # A masked step output must then be one tensor (the loop zeroes it with one `where`): see
         # `_choose_layout`.
-        self.rnn.zero_output_for_mask = not self.flavour.masked_steps_repeat_output
+        self.loop_repeats_output = getattr(rnn, "repeats_previous_output", self.flavour.masked_steps_repeat_output)
+        self.rnn.zero_output_for_mask = not self.loop_repeats_output
 
     def build(self, input_shape):
         # Build the inner RNN here, not lazily in call: Keras 3 traces call in a stateless scope
@@ -188,13 +189,13 @@ class TracedRNN(WrapsRecurrentLayer):
 
     def _choose_layout(self, mask) -> None:
         """Let a cell with split outputs hand the loop its parts apart for this call, except where
-        the loop needs one tensor per step: the JAX and NumPy loops zero a masked step's output
+        the loop needs one tensor per step: Keras's JAX and NumPy loops zero a masked step's output
         with one `where` and flip a backwards layer's outputs as one array, and NumPy's loop
         stacks a tuple into one array. There the step concatenates its parts and `_parts` slices
         them apart; the saved config (``split_outputs``) is the same either way."""
         cell, flavour = self.rnn.cell, self.flavour
         if hasattr(cell, "emit_split"):
-            cell.emit_split = flavour.masked_steps_repeat_output or (
+            cell.emit_split = self.loop_repeats_output or (
                 flavour.loop_keeps_tuples and mask is None and not self.rnn.go_backwards)
 
     @plain_python
@@ -221,7 +222,7 @@ class TracedRNN(WrapsRecurrentLayer):
                 step_mask = ops.flip(step_mask, axis=1)
             if self.rnn.zero_output_for_mask:
                 parts = fill_masked(ops, parts, step_mask)
-                if not flavour.masked_steps_repeat_output and initial_state is not None and \
+                if not self.loop_repeats_output and initial_state is not None and \
                         tuple(initial_state[0].shape[1:]) == tuple(parts[0].shape[2:]):
                     # The original layer's loop repeats states[0] there, the initial h before
                     # the first valid step; a stacked or custom cell's output is not its
