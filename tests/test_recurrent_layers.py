@@ -15,6 +15,7 @@ from conftest import (
     Untouched,
     activation_name,
     cell_weights,
+    masked_output,
     outputs_by_name,
     reference_gru,
     reference_lstm,
@@ -179,6 +180,41 @@ def test_gru_masked_go_backwards_initial_state(flavour):
     if mask is not None:
         np.testing.assert_allclose(named["gru.h"][0, 0], h0[0], atol=1e-6)
         np.testing.assert_array_equal(named["gru.z"][0, 0], 0.0)
+    guard.check()
+
+
+def test_lstm_explicit_mask_with_initial_state(flavour):
+    """A mask passed with an initial state, leading padded steps: the output there is what this
+    backend's Keras loop gives (on JAX the initial h, elsewhere zeros), c and h hold the initial
+    state, the gates zero; every state as the reference says."""
+    keras, layers = flavour.keras, flavour.layers
+    x_in, h_in, c_in = keras.Input((5, 3), name="x"), keras.Input((4,), name="h0"), keras.Input((4,), name="c0")
+    ops = keras.ops if flavour.name == "keras3" else keras.backend
+
+    class ValidSteps(layers.Layer):  # copied from its config, unlike a Lambda
+        def call(self, t):
+            return ops.any(ops.not_equal(t, 0.0), axis=-1)
+
+    step_mask = ValidSteps(name="step_mask")(x_in)
+    lstm = layers.LSTM(4, return_sequences=True, name="lstm")
+    model = keras.Model([x_in, h_in, c_in], lstm(x_in, mask=step_mask, initial_state=[h_in, c_in]))
+    x = float_batch(time=5)
+    x[1, :2] = 0.0  # leading padding: the initial state is carried there
+    x[2, 3:] = 0.0
+    h0, c0 = (rng.standard_normal((3, 4)).astype("float32") for _ in range(2))
+    inputs = [x, h0, c0]
+    guard = Untouched(model, inputs)
+
+    traced = expose_cell_states(model, states=("c", "h", "gates"), sample_inputs=inputs)
+
+    named = outputs_by_name(traced, inputs)
+    mask = np.any(x != 0, axis=-1)
+    expected = reference_lstm(lstm, x, flavour.name, mask=mask, initial_state=[h0, c0],
+                              masked_output=masked_output(flavour.name))
+    assert_match(named, "lstm", expected, LSTM_ALL)
+    np.testing.assert_allclose(named[model.output_names[0]], expected["output"], atol=1e-5)
+    np.testing.assert_allclose(named["lstm.c"][1, :2], np.stack([c0[1]] * 2), atol=1e-6)
+    np.testing.assert_array_equal(named["lstm.i"][1, :2], 0.0)
     guard.check()
 
 

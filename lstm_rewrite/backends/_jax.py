@@ -27,19 +27,17 @@ def _broadcast_mask(step_mask, tensor):
     return jnp.reshape(step_mask, step_mask.shape + (1,) * (tensor.ndim - 1))
 
 
-def parts_loop(step_function, inputs, initial_states, mask=None, go_backwards=False, unroll=False,
-               return_all_outputs=True):
+def parts_loop(step_function, inputs, initial_states, mask=None, go_backwards=False, unroll=False):
     """Run ``step_function(inputs_t, states) -> (outputs_t, new_states)`` over ``inputs``'s time axis.
 
     Returns ``(last_output, outputs, final_states)`` as ``keras.ops.rnn`` does for batch-major
-    inputs, with ``outputs`` (each a tree like ``outputs_t``) ``[batch, time, ...]`` in processing
+    inputs and every step's outputs, with ``outputs`` (each a tree like ``outputs_t``) ``[batch, time, ...]`` in processing
     order (reversed input time for ``go_backwards``). A masked step keeps the states and repeats
     the previous step's outputs.
     """
     inputs_by_time = jnp.swapaxes(inputs, 0, 1)  # [time, batch, ...]: what scan slices
     mask_by_time = None if mask is None else jnp.swapaxes(mask.astype(bool), 0, 1)
     steps = inputs_by_time.shape[0]
-    kept_steps = steps if return_all_outputs else 1
 
     def run_step(inputs_t, mask_t, states, previous):
         outputs_t, new_states = step_function(inputs_t, states)
@@ -54,9 +52,8 @@ def parts_loop(step_function, inputs, initial_states, mask=None, go_backwards=Fa
         return outputs_t, new_states
 
     def write(buffers, outputs_t, t):
-        position = t if return_all_outputs else 0
         return jax.tree.map(
-            lambda buffer, value: lax.dynamic_update_index_in_dim(buffer, value, position, axis=1),
+            lambda buffer, value: lax.dynamic_update_index_in_dim(buffer, value, t, axis=1),
             buffers, outputs_t)
 
     def step(carry, scanned):
@@ -74,7 +71,7 @@ def parts_loop(step_function, inputs, initial_states, mask=None, go_backwards=Fa
         first, rest = (-1, slice(None, -1)) if go_backwards else (0, slice(1, None))
         outputs_0, states = run_step(inputs_by_time[first], None if mask is None else mask_by_time[first],
                                      states, None)
-        buffers = jax.tree.map(lambda o: jnp.zeros((o.shape[0], kept_steps) + o.shape[1:], o.dtype), outputs_0)
+        buffers = jax.tree.map(lambda o: jnp.zeros((o.shape[0], steps) + o.shape[1:], o.dtype), outputs_0)
         buffers = write(buffers, outputs_0, 0)
         scanned = inputs_by_time[rest] if mask is None else (inputs_by_time[rest], mask_by_time[rest])
         (_, final_states, last_output, outputs), _ = lax.scan(

@@ -60,6 +60,7 @@ class PartsRNN(keras.layers.RNN):
     repeats_previous_output = keras.backend.backend() != "numpy"
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
+        # (The traced layers' inner RNN always returns its sequences.)
         if keras.backend.backend() != "jax":
             return super().inner_loop(sequences, initial_state, mask, training=training)
         from ._jax import parts_loop
@@ -71,8 +72,7 @@ class PartsRNN(keras.layers.RNN):
             return output, new_states if keras.tree.is_nested(new_states) else [new_states]
 
         return parts_loop(step, sequences, initial_state if keras.tree.is_nested(initial_state) else [initial_state],
-                          mask=mask, go_backwards=self.go_backwards, unroll=self.unroll,
-                          return_all_outputs=self.return_sequences)
+                          mask=mask, go_backwards=self.go_backwards, unroll=self.unroll)
 
     def call(self, sequences, initial_state=None, mask=None, training=False):
         expected, received = getattr(self, "_expected_batch_size", None), sequences.shape[0]

@@ -176,11 +176,14 @@ def recurrent_call(args, kwargs):
 
 
 def call_traced(layer, inputs, initial_state, mask, kwargs):
-    # tf-keras hands the input tensor's mask to the layer by itself; passing it again would break
-    # the node's bookkeeping, since a mask is not a layer output.
+    # tf-keras hands the input tensor's mask to the layer by itself and records no mask then
+    # (passing that one again would break the node's bookkeeping: it is not a layer output). A
+    # recorded mask was passed explicitly, as a layer's output, and is passed on.
     call_kwargs = {k: v for k, v in kwargs.items() if k in ("training", "edit_inputs")}
     if initial_state is not None:
         call_kwargs["initial_state"] = initial_state
+    if mask is not None:
+        call_kwargs["mask"] = mask
     return layer(inputs, **call_kwargs)
 
 

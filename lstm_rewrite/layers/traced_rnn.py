@@ -222,12 +222,12 @@ class TracedRNN(WrapsRecurrentLayer):
                 step_mask = ops.flip(step_mask, axis=1)
             if self.rnn.zero_output_for_mask:
                 parts = fill_masked(ops, parts, step_mask)
-                if not self.loop_repeats_output and initial_state is not None and \
-                        tuple(initial_state[0].shape[1:]) == tuple(parts[0].shape[2:]):
-                    # The original layer's loop repeats states[0] there, the initial h before
-                    # the first valid step; a stacked or custom cell's output is not its
-                    # states[0], and verification says if that differs.
-                    parts = [carry_initial_state(ops, parts[0], step_mask, initial_state, 0), *parts[1:]]
+            if not flavour.masked_steps_repeat_output and initial_state is not None and \
+                    tuple(initial_state[0].shape[1:]) == tuple(parts[0].shape[2:]):
+                # The original layer ran Keras's loop, which repeats states[0] there: the initial
+                # h before the first valid step. A stacked or custom cell's output is not its
+                # states[0], and verification says if that differs.
+                parts = [carry_initial_state(ops, parts[0], step_mask, initial_state, 0), *parts[1:]]
         output = parts[0]  # [batch, time, ...]
         if step_mask is not None:
             if self.zero_output_for_mask:
