@@ -1,8 +1,9 @@
 """Shared pieces of the benchmark scripts: grid, model builders, the baselines users write today, timing.
 
 Timing convention (used by every script here): a *compiled call*, ``tf.function`` over
-``model(x, training=False)`` with a fixed input signature, traced once before timing, each output
-converted to NumPy inside the timed region. It is what ``lstm_rewrite.capture`` runs, and it leaves
+``model(x, training=False)`` with a fixed input signature (on JAX, ``jax.jit`` over the model's
+``stateless_call``), traced once before timing, each output converted to NumPy inside the timed
+region. It is what ``lstm_rewrite.capture`` runs, and it leaves
 out ``model.predict``'s per-call set-up (data adapter, callbacks), which would otherwise dilute the
 ratios. ``--call predict_on_batch`` switches every model to ``model.predict_on_batch``.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -157,6 +159,18 @@ def compiled_runner(model, x, call: str = "compiled"):
         def run():
             out = model.predict_on_batch(x)
             return [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
+    elif on_jax(model):
+        import jax
+
+        # JAX's compiled call: the jitted stateless forward pass (no tf.function there).
+        fn = jax.jit(lambda trainable, other, t: model.stateless_call(trainable, other, t, training=False)[0])
+        trainable = [v.value for v in model.trainable_variables]
+        other = [v.value for v in model.non_trainable_variables]
+        tensor = jax.numpy.asarray(x)
+
+        def run():
+            out = fn(trainable, other, tensor)
+            return [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
     else:
         tf = _tf()
         fn = tf.function(lambda t: model(t, training=False), input_signature=[tf.TensorSpec(x.shape, x.dtype)])
@@ -167,6 +181,12 @@ def compiled_runner(model, x, call: str = "compiled"):
             return [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
     run()
     return run
+
+
+def on_jax(model) -> bool:
+    """Whether ``model`` is a Keras 3 model on the JAX backend."""
+    keras = sys.modules.get("keras")
+    return keras is not None and isinstance(model, keras.Model) and keras.backend.backend() == "jax"
 
 
 def timed(fn) -> float:

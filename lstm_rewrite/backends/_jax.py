@@ -33,7 +33,7 @@ def parts_loop(step_function, inputs, initial_states, mask=None, go_backwards=Fa
     Returns ``(last_output, outputs, final_states)`` as ``keras.ops.rnn`` does for batch-major
     inputs and every step's outputs, with ``outputs`` (each a tree like ``outputs_t``) ``[batch, time, ...]`` in processing
     order (reversed input time for ``go_backwards``). A masked step keeps the states and repeats
-    the previous step's outputs.
+    the previous step's outputs (an output that is one of the step's states: the carried state).
     """
     inputs_by_time = jnp.swapaxes(inputs, 0, 1)  # [time, batch, ...]: what scan slices
     mask_by_time = None if mask is None else jnp.swapaxes(mask.astype(bool), 0, 1)
@@ -43,13 +43,24 @@ def parts_loop(step_function, inputs, initial_states, mask=None, go_backwards=Fa
         outputs_t, new_states = step_function(inputs_t, states)
         # The carry must keep its structure: cells hand back lists where they took tuples.
         new_states = jax.tree.unflatten(jax.tree.structure(states), jax.tree.leaves(new_states))
-        if mask_t is not None:
-            if previous is None:
-                previous = jax.tree.map(jnp.zeros_like, outputs_t)
-            keep = lambda new, old: jnp.where(_broadcast_mask(mask_t, new), new, old)  # noqa: E731
-            outputs_t = jax.tree.map(keep, outputs_t, previous)
-            new_states = jax.tree.map(keep, new_states, states)
-        return outputs_t, new_states
+        if mask_t is None:
+            return outputs_t, new_states
+        keep = lambda new, old: jnp.where(_broadcast_mask(mask_t, new), new, old)  # noqa: E731
+        computed = jax.tree.leaves(new_states)
+        new_states = jax.tree.map(keep, new_states, states)
+        kept = jax.tree.leaves(new_states)
+        previous = jax.tree.leaves(previous) if previous is not None else [None] * len(jax.tree.leaves(outputs_t))
+        masked = []
+        for output, before in zip(jax.tree.leaves(outputs_t), previous):
+            same = [k for k, state in enumerate(computed) if state is output]
+            if same:
+                # An output that is a state (an LSTM's h and c) repeats the carried state: the
+                # previous output after a valid step, and before one the initial state, which
+                # Keras's loop gives for the output and the traced layer for an exposed state.
+                masked.append(kept[same[0]])
+            else:
+                masked.append(keep(output, jnp.zeros_like(output) if before is None else before))
+        return jax.tree.unflatten(jax.tree.structure(outputs_t), masked), new_states
 
     def write(buffers, outputs_t, t):
         return jax.tree.map(
