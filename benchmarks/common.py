@@ -162,14 +162,10 @@ def compiled_runner(model, x, call: str = "compiled"):
     elif on_jax(model):
         import jax
 
-        # JAX's compiled call: the jitted stateless forward pass (no tf.function there).
-        fn = jax.jit(lambda trainable, other, t: model.stateless_call(trainable, other, t, training=False)[0])
-        trainable = [v.value for v in model.trainable_variables]
-        other = [v.value for v in model.non_trainable_variables]
-        tensor = jax.numpy.asarray(x)
+        fn, tensor = jax_forward(model), jax.numpy.asarray(x)
 
         def run():
-            out = fn(trainable, other, tensor)
+            out = fn(tensor)
             return [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
     else:
         tf = _tf()
@@ -187,6 +183,17 @@ def on_jax(model) -> bool:
     """Whether ``model`` is a Keras 3 model on the JAX backend."""
     keras = sys.modules.get("keras")
     return keras is not None and isinstance(model, keras.Model) and keras.backend.backend() == "jax"
+
+
+def jax_forward(model):
+    """JAX's compiled call, ``f(x) -> outputs``: the jitted stateless forward pass (JAX has no
+    tf.function), retraced only for a new shape."""
+    import jax
+
+    fn = jax.jit(lambda trainable, other, t: model.stateless_call(trainable, other, t, training=False)[0])
+    # The values are read at each call: Keras's JAX predict donates them, deleting the arrays.
+    return lambda t: fn([v.value for v in model.trainable_variables],
+                        [v.value for v in model.non_trainable_variables], t)
 
 
 def timed(fn) -> float:

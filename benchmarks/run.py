@@ -266,8 +266,6 @@ def scaling_table(rows) -> str:
 
 def run_capture(flavours, sequences, repeats):
     """Sequences per second: cell_states (memory / HDF5, gzip or not) against predict and a compiled call."""
-    import tensorflow as tf
-
     from lstm_rewrite import expose_cell_states
     from lstm_rewrite.capture import cell_states
 
@@ -280,8 +278,13 @@ def run_capture(flavours, sequences, repeats):
         model = common.build_model(keras, "lstm", steps, features, units)
         x = common.make_data(3, sequences, steps, features, masked=False)
         traced = expose_cell_states(model, states=("c",), expose_masks=True)
-        fn = tf.function(lambda t: model(t, training=False),
-                         input_signature=[tf.TensorSpec((None, steps, features), tf.float32)])
+        if common.on_jax(model):
+            fn = common.jax_forward(model)
+        else:
+            import tensorflow as tf
+
+            fn = tf.function(lambda t: model(t, training=False),
+                             input_signature=[tf.TensorSpec((None, steps, features), tf.float32)])
 
         def compiled():
             for start in range(0, sequences, batch_size):

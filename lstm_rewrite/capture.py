@@ -236,12 +236,15 @@ def _runner(traced, output_names: list[str]) -> Callable[[Mapping[str, np.ndarra
             f"The traced model has no output named {missing}; its outputs are {all_names}. Was it "
             f"reloaded or edited after tracing? Trace the original model again."
         )
-    outputs = [traced.outputs[all_names.index(n)] for n in output_names]
-    backend = backends.for_model(traced)
-    sub = backend.make_model(traced.inputs, outputs)
     specs = input_specs(traced)
     input_names = [s.name for s in specs]
-    run = backend.compiled_predict(sub, [((None, *s.shape), s.dtype) for s in specs])
+
+    def make():
+        backend = backends.for_model(traced)
+        sub = backend.make_model(traced.inputs, [traced.outputs[all_names.index(n)] for n in output_names])
+        return backend.compiled_predict(sub, [((None, *s.shape), s.dtype) for s in specs])
+
+    run = backends.cached_on_model(traced, ("capture", tuple(output_names)), make)
 
     def call(arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return run([arrays[n] for n in input_names])

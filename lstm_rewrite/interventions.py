@@ -601,19 +601,14 @@ def _state_runner(model, targets: Sequence[str], expose_masks=False):
 def _compiled(model):
     """``model``'s forward pass compiled once for any batch and length, on the active backend
     (`backends` ``compiled_predict``): ``f([input arrays]) -> [NumPy outputs]``. Cached on the model."""
-    fn = getattr(model, "_lstm_rewrite_compiled", None)
-    if fn is not None:
-        return fn
     from . import backends
     from .capture import input_specs
 
-    signature = [((None, *s.shape), s.dtype) for s in input_specs(model)]
-    fn = backends.for_model(model).compiled_predict(model, signature)
-    try:
-        object.__setattr__(model, "_lstm_rewrite_compiled", fn)
-    except Exception:  # noqa: BLE001 - a model that refuses new attributes: just do not cache
-        pass
-    return fn
+    def make():
+        signature = [((None, *s.shape), s.dtype) for s in input_specs(model)]
+        return backends.for_model(model).compiled_predict(model, signature)
+
+    return backends.cached_on_model(model, "compiled", make)
 
 
 def _predict(model, arrays: list, batch_size: int) -> list:

@@ -271,6 +271,22 @@ def for_model(model) -> Backend:
     return get(flavour_of(model))
 
 
+def cached_on_model(model, key, make: Callable[[], Any]) -> Any:
+    """``make()``, kept on ``model`` under ``key`` for the next call: a compiled forward pass is
+    traced (on JAX, compiled) once per model, not once per capture or intervention run."""
+    cache = getattr(model, "__dict__", {}).get("_lstm_rewrite_cache")
+    if cache is None:
+        cache = {}
+        try:
+            # Past Keras's attribute tracking, which would wrap the dict.
+            object.__setattr__(model, "_lstm_rewrite_cache", cache)
+        except Exception:  # noqa: BLE001 - a model that refuses new attributes: just do not cache
+            return make()
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
 def keras_module(flavour: str) -> ModuleType:
     """The ``keras`` (Keras 3) or ``tf_keras`` module for a flavour name.
 

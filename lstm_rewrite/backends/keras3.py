@@ -285,13 +285,18 @@ def dtype_policy(layer) -> str:
 def compiled_predict(model, signature):
     """``model``'s forward pass, compiled once for capture: ``f([input arrays]) -> [NumPy outputs]``.
 
-    On TensorFlow one ``tf.function`` with open batch and time axes; on JAX and torch Keras's own
-    predict step (jitted on JAX, without gradients on torch), traced again only for a new shape.
+    On TensorFlow one ``tf.function`` with open batch and time axes; on JAX the jitted stateless
+    forward pass (`lstm_rewrite.backends._jax.compiled_predict`); on torch Keras's own predict step
+    (without gradients). JAX's are traced again only for a new shape.
     """
     if keras.backend.backend() == "tensorflow":
         from ._tensorflow import tf_function_predict
 
         return tf_function_predict(model, signature)
+    if keras.backend.backend() == "jax":
+        from ._jax import compiled_predict as jax_compiled_predict
+
+        return jax_compiled_predict(model)
 
     def call(arrays):
         arrays = list(arrays)
