@@ -35,7 +35,8 @@ demo: setup
 #   compiles once, so compiling dominates; without fast-math LLVM keeps float operations as written.
 TORCH_PROFILE := tests/test_rewrite.py tests/test_recurrent_layers.py tests/test_capture.py \
 	tests/test_audit.py tests/test_saving.py tests/test_cli.py tests/test_interventions.py \
-	tests/test_reconstruct.py tests/test_explorer_data.py tests/test_lstmvis.py
+	tests/test_reconstruct.py tests/test_explorer_data.py tests/test_lstmvis.py tests/test_conformance.py \
+	tests/test_beam.py
 JAX_ENV := KERAS_BACKEND=jax FUZZ_EXAMPLES=3 \
 	XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
