@@ -124,6 +124,7 @@ else:
 _LAYERS = traced_layers.Flavour(
     keras=keras, ops=ops, tree=keras.tree, name_scope=keras.name_scope, dropout_masks=_dropout_masks,
     conv_lstm_cell=ConvLSTMCell, masked_steps_repeat_output=_MASKED_STEPS_REPEAT_OUTPUT,
+    unrolled_loop_zeroes_masked_output=keras.backend.backend() != "jax",
     loop_keeps_tuples=keras.backend.backend() != "numpy",
     symbolic_tensor=keras.KerasTensor,
     **(_tf_graph.GRAPH_HELPERS if _tf_graph is not None else {}),

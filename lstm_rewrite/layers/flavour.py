@@ -38,6 +38,8 @@ class Flavour:
             cell's output: there the inner RNN zeroes masked steps and `TracedRNN` fills them
             itself. An inner RNN class that runs its own loop says what it does as its
             ``repeats_previous_output`` attribute (Keras 3's ``PartsRNN`` on JAX).
+        unrolled_loop_zeroes_masked_output: whether Keras's unrolled RNN loop honours
+            ``zero_output_for_mask`` (TensorFlow, torch, tf-keras; Keras 3's JAX loop does not).
         loop_keeps_tuples: whether the backend's RNN loop keeps a step's tuple of outputs as a
             tuple of sequences (every backend but Keras 3's NumPy, which stacks them into one array).
         symbolic_tensor: Keras 3's ``KerasTensor`` (a shape and dtype, no graph op), or None
@@ -60,6 +62,7 @@ class Flavour:
     dropout_masks: Callable
     conv_lstm_cell: type
     masked_steps_repeat_output: bool = True
+    unrolled_loop_zeroes_masked_output: bool = True
     loop_keeps_tuples: bool = True
     symbolic_tensor: type | None = None
     graph_placeholder: Callable | None = None

@@ -91,6 +91,7 @@ class TracedRNN(WrapsRecurrentLayer):
         state_shapes=None,
         state_count=None,
         edit_channels=None,
+        unroll=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -119,6 +120,12 @@ class TracedRNN(WrapsRecurrentLayer):
         # `_choose_layout`.
         self.loop_repeats_output = getattr(rnn, "repeats_previous_output", self.flavour.masked_steps_repeat_output)
         self.rnn.zero_output_for_mask = not self.loop_repeats_output
+        # Keras's unrolled loops treat masked steps unlike its other loops (JAX's never zeroes
+        # them; the others zero a go_backwards layer's outputs by the mask in input order) and
+        # stack a step's outputs into one tensor. The inner loop never unrolls (the states are
+        # the same); `call` gives the output what the original's unrolled loop gives it.
+        self.unroll = bool(getattr(rnn, "unroll", False)) if unroll is None else bool(unroll)
+        self.rnn.unroll = False
 
     def build(self, input_shape):
         # Build the inner RNN here, not lazily in call: Keras 3 traces call in a stateless scope
@@ -198,6 +205,14 @@ class TracedRNN(WrapsRecurrentLayer):
             cell.emit_split = self.loop_repeats_output or (
                 flavour.loop_keeps_tuples and mask is None and not self.rnn.go_backwards)
 
+    def _output_zeroing_mask(self, mask, step_mask):
+        """Which steps of the output sequence Keras's loop zeroes (``zero_output_for_mask``): the
+        valid steps in processing order, except in an unrolled go_backwards loop, which reads the
+        mask in input order (keras/src/backend/tensorflow/rnn.py and torch's, tf-keras's backend)."""
+        if self.unroll and self.rnn.go_backwards:
+            return self.flavour.ops.cast(mask, "bool")
+        return step_mask
+
     @plain_python
     def call(self, inputs, initial_state=None, mask=None, training=None, edit_inputs=None):
         ops, flavour = self.flavour.ops, self.flavour
@@ -229,11 +244,15 @@ class TracedRNN(WrapsRecurrentLayer):
                 # states[0], and verification says if that differs.
                 parts = [carry_initial_state(ops, parts[0], step_mask, initial_state, 0), *parts[1:]]
         output = parts[0]  # [batch, time, ...]
-        if step_mask is not None:
-            if self.zero_output_for_mask:
-                output = ops.where(expand_like(ops, step_mask, output), output, ops.zeros_like(output))
         if not self.return_sequences:
-            output = output[:, -1]
+            output = output[:, -1:]
+        if step_mask is not None and self.zero_output_for_mask and not (
+                self.unroll and not self.flavour.unrolled_loop_zeroes_masked_output):
+            zeroing = step_mask if not self.return_sequences else self._output_zeroing_mask(mask, step_mask)
+            zeroing = zeroing[:, -1:] if not self.return_sequences else zeroing
+            output = ops.where(expand_like(ops, zeroing, output), output, ops.zeros_like(output))
+        if not self.return_sequences:
+            output = output[:, 0]
         outputs = [output]
         if self.return_state:
             outputs += final_states
@@ -289,6 +308,7 @@ class TracedRNN(WrapsRecurrentLayer):
             "expose_mask": self.expose_mask,
             "output_alias": self.output_alias,
             "state_count": self.state_count,
+            "unroll": self.unroll,
         }
         if self.edit_channels is not None:
             config["edit_channels"] = list(self.edit_channels)
