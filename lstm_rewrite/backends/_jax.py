@@ -32,17 +32,23 @@ def _broadcast_mask(step_mask, tensor):
     return jnp.reshape(step_mask, step_mask.shape + (1,) * (tensor.ndim - 1))
 
 
-def parts_loop(step_function, inputs, initial_states, mask=None, go_backwards=False, unroll=False):
+def parts_loop(step_function, inputs, initial_states, mask=None, go_backwards=False, unroll=False,
+               input_time=False):
     """Run ``step_function(inputs_t, states) -> (outputs_t, new_states)`` over ``inputs``'s time axis.
 
     Returns ``(last_output, outputs, final_states)`` as ``keras.ops.rnn`` does for batch-major
     inputs and every step's outputs, with ``outputs`` (each a tree like ``outputs_t``) ``[batch, time, ...]`` in processing
-    order (reversed input time for ``go_backwards``). A masked step keeps the states and repeats
-    the previous step's outputs (an output that is one of the step's states: the carried state).
+    order (reversed input time for ``go_backwards``), or aligned with input time with
+    ``input_time`` (a Bidirectional's backward half: each step written where it belongs, no flip
+    after the loop). A masked step keeps the states and repeats the previous step's outputs (an
+    output that is one of the step's states: the carried state).
     """
     inputs_by_time = jnp.swapaxes(inputs, 0, 1)  # [time, batch, ...]: what scan slices
     mask_by_time = None if mask is None else jnp.swapaxes(mask.astype(bool), 0, 1)
     steps = inputs_by_time.shape[0]
+    # (Where the time axis is symbolic, while Keras infers shapes, the sequences are flipped after
+    # the loop instead: the same shapes.)
+    write_backwards = input_time and go_backwards and isinstance(steps, int)
 
     def run_step(inputs_t, mask_t, states, previous):
         outputs_t, new_states = step_function(inputs_t, states)
@@ -68,8 +74,9 @@ def parts_loop(step_function, inputs, initial_states, mask=None, go_backwards=Fa
         return jax.tree.unflatten(jax.tree.structure(outputs_t), masked), new_states
 
     def write(buffers, outputs_t, t):
+        position = steps - 1 - t if write_backwards else t
         return jax.tree.map(
-            lambda buffer, value: lax.dynamic_update_index_in_dim(buffer, value, t, axis=1),
+            lambda buffer, value: lax.dynamic_update_index_in_dim(buffer, value, position, axis=1),
             buffers, outputs_t)
 
     def step(carry, scanned):
@@ -93,6 +100,8 @@ def parts_loop(step_function, inputs, initial_states, mask=None, go_backwards=Fa
         (_, final_states, last_output, outputs), _ = lax.scan(
             step, (1, states, outputs_0, buffers), scanned, reverse=go_backwards,
             unroll=max(steps - 1, 1) if unroll and isinstance(steps, int) else 1)
+    if input_time and go_backwards and not write_backwards:
+        outputs = jax.tree.map(lambda sequence: jnp.flip(sequence, axis=1), outputs)
     return last_output, outputs, list(final_states)
 
 

@@ -58,8 +58,11 @@ class PartsRNN(keras.layers.RNN):
     # Whether masked steps repeat the real previous output (`TracedRNN` reads it): Keras's loop
     # does on TensorFlow and torch, this class's own on JAX; Keras's NumPy loop does not.
     repeats_previous_output = keras.backend.backend() != "numpy"
+    # Whether ``call(..., input_time=True)`` writes a go_backwards layer's sequences aligned with
+    # input time (`TracedRNN` reads it): this class's own loop on JAX.
+    writes_input_time = keras.backend.backend() == "jax"
 
-    def inner_loop(self, sequences, initial_state, mask, training=False):
+    def inner_loop(self, sequences, initial_state, mask, training=False, input_time=False):
         # (The traced layers' inner RNN always returns its sequences.)
         if keras.backend.backend() != "jax":
             return super().inner_loop(sequences, initial_state, mask, training=training)
@@ -72,9 +75,9 @@ class PartsRNN(keras.layers.RNN):
             return output, new_states if keras.tree.is_nested(new_states) else [new_states]
 
         return parts_loop(step, sequences, initial_state if keras.tree.is_nested(initial_state) else [initial_state],
-                          mask=mask, go_backwards=self.go_backwards, unroll=self.unroll)
+                          mask=mask, go_backwards=self.go_backwards, unroll=self.unroll, input_time=input_time)
 
-    def call(self, sequences, initial_state=None, mask=None, training=False):
+    def call(self, sequences, initial_state=None, mask=None, training=False, input_time=False):
         expected, received = getattr(self, "_expected_batch_size", None), sequences.shape[0]
         if self.stateful and None not in (expected, received) and expected != received:
             # Keras's own check (and message): the state variables hold one batch size.
@@ -94,8 +97,9 @@ class PartsRNN(keras.layers.RNN):
             lambda x: ops.convert_to_tensor(x, dtype=self.cell.compute_dtype), list(initial_state)
         )
         self._maybe_config_dropout_masks(self.cell, sequences[:, 0, :], initial_state)
+        loop_kwargs = {"input_time": True} if input_time else {}
         last_output, outputs, states = self.inner_loop(
-            sequences=sequences, initial_state=initial_state, mask=mask, training=training
+            sequences=sequences, initial_state=initial_state, mask=mask, training=training, **loop_kwargs
         )
         cast = lambda x: ops.cast(x, self.compute_dtype)  # noqa: E731
         outputs = keras.tree.map_structure(cast, outputs)

@@ -55,11 +55,16 @@ class TracedBidirectional:
         y, forward_finals, forward_extra = self._split_results(
             self.forward_layer(inputs, initial_state=forward_state, mask=mask, training=training, **forward_edits),
             self.forward_layer)
+        # The backward layer runs over reversed time; its sequences are aligned with input time,
+        # by the layer itself where it can (its loop then writes them so).
+        aligned = getattr(self.backward_layer, "aligns_input_time", False)
+        if aligned:
+            backward_edits = {**backward_edits, "input_time": True}
         y_rev, backward_finals, backward_extra = self._split_results(
             self.backward_layer(inputs, initial_state=backward_state, mask=mask, training=training,
                                 **backward_edits),
             self.backward_layer)
-        if self.return_sequences:
+        if self.return_sequences and not aligned:
             y_rev = ops.flip(y_rev, axis=1)
         if self.merge_mode == "concat":
             merged = [ops.concatenate([y, y_rev], axis=-1)]
@@ -72,8 +77,8 @@ class TracedBidirectional:
         else:
             merged = [y, y_rev]
         finals = forward_finals + backward_finals if self.return_state else []
-        # The backward layer runs over reversed time; align its sequences with input time.
-        backward_extra = [ops.flip(t, axis=1) for t in backward_extra]
+        if not aligned:
+            backward_extra = [ops.flip(t, axis=1) for t in backward_extra]
         return merged + finals + forward_extra + backward_extra
 
     def compute_mask(self, inputs, mask=None):

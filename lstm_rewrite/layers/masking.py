@@ -48,11 +48,15 @@ def fill_masked(ops, parts, step_mask):
     return filled
 
 
-def carry_initial_state(ops, sequence, step_mask, initial_state, index):
+def carry_initial_state(ops, sequence, step_mask, initial_state, index, backwards=False):
     """``sequence`` with the initial state ``initial_state[index]`` (zeros when None) before the
     first valid step: the RNN loop repeats its previous *output* on masked steps, and that output is
-    zero there, where the state it carries is the initial state."""
-    seen = ops.cumsum(ops.cast(step_mask, "int32"), axis=1) > 0  # [batch, time]
+    zero there, where the state it carries is the initial state. ``backwards``: ``sequence`` and
+    ``step_mask`` are in input time for a layer that ran backwards (its first step is the last)."""
+    counted = ops.flip(step_mask, axis=1) if backwards else step_mask
+    seen = ops.cumsum(ops.cast(counted, "int32"), axis=1) > 0  # [batch, time], processing order
+    if backwards:
+        seen = ops.flip(seen, axis=1)
     if initial_state is not None:
         start = ops.expand_dims(ops.cast(initial_state[index], sequence.dtype), 1)
         start = start + ops.zeros_like(sequence)

@@ -70,6 +70,8 @@ class TracedParentCall(TracedRNN):
     """``super().call`` of a wrapped subclass: what the Keras layer's call returns, the exposed
     sequences put aside (see TracedSubclassRNN)."""
 
+    aligns_input_time = False  # the subclass's call decides its output's order
+
     def call(self, inputs, initial_state=None, mask=None, training=None):
         results = super().call(inputs, initial_state=initial_state, mask=mask, training=training)
         count = 1 + (self.num_states if self.return_state else 0)

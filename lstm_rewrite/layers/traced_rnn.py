@@ -213,19 +213,29 @@ class TracedRNN(WrapsRecurrentLayer):
             return self.flavour.ops.cast(mask, "bool")
         return step_mask
 
+    # ``call(..., input_time=True)`` returns a go_backwards layer's sequences aligned with input
+    # time (`TracedBidirectional` asks for it).
+    aligns_input_time = True
+
     @plain_python
-    def call(self, inputs, initial_state=None, mask=None, training=None, edit_inputs=None):
+    def call(self, inputs, initial_state=None, mask=None, training=None, edit_inputs=None, input_time=False):
         ops, flavour = self.flavour.ops, self.flavour
         mask = first_mask(mask)
         reset_dropout_masks(self.rnn.cell)
         if self.edit_channels is not None:
             inputs = edits.with_edit_channels(ops, self, inputs, edit_inputs)
         self._choose_layout(mask)
+        backwards = self.rnn.go_backwards
+        # A loop that writes input time itself saves a flip of every sequence after it (on JAX).
+        # Not for an unrolled layer: Keras's unrolled loop zeroes masked outputs in its own way.
+        written_in_input_time = bool(input_time and backwards and not self.unroll and self.loop_repeats_output
+                                     and getattr(self.rnn, "writes_input_time", False))
         if shapes_only_active():
             results = zeros_for_rnn(flavour, self.rnn, inputs, self._step_shapes)
         if not shapes_only_active() or results is None:
+            loop_kwargs = {"input_time": True} if written_in_input_time else {}
             results = self.rnn(inputs, initial_state=self._inner_states(initial_state), mask=mask,
-                               training=training)
+                               training=training, **loop_kwargs)
         sequence, final_states = results[0], list(flavour.tree.flatten(list(results[1:])))
         if self.state_shapes:
             final_states = [ops.reshape(s, (-1,) + shape) for s, shape in zip(final_states, self.state_shapes)]
@@ -233,8 +243,8 @@ class TracedRNN(WrapsRecurrentLayer):
         step_mask = None
         if mask is not None:
             step_mask = ops.cast(mask, "bool")  # [batch, time], input order
-            if self.rnn.go_backwards:
-                step_mask = ops.flip(step_mask, axis=1)
+            if backwards and not written_in_input_time:
+                step_mask = ops.flip(step_mask, axis=1)  # the sequences' order
             if self.rnn.zero_output_for_mask:
                 parts = fill_masked(ops, parts, step_mask)
             if not flavour.masked_steps_repeat_output and initial_state is not None and \
@@ -242,14 +252,16 @@ class TracedRNN(WrapsRecurrentLayer):
                 # The original layer ran Keras's loop, which repeats states[0] there: the initial
                 # h before the first valid step. A stacked or custom cell's output is not its
                 # states[0], and verification says if that differs.
-                parts = [carry_initial_state(ops, parts[0], step_mask, initial_state, 0), *parts[1:]]
+                parts = [carry_initial_state(ops, parts[0], step_mask, initial_state, 0, written_in_input_time),
+                         *parts[1:]]
         output = parts[0]  # [batch, time, ...]
+        last = slice(0, 1) if written_in_input_time else slice(-1, None)  # the last step processed
         if not self.return_sequences:
-            output = output[:, -1:]
+            output = output[:, last]
         if step_mask is not None and self.zero_output_for_mask and not (
                 self.unroll and not self.flavour.unrolled_loop_zeroes_masked_output):
             zeroing = step_mask if not self.return_sequences else self._output_zeroing_mask(mask, step_mask)
-            zeroing = zeroing[:, -1:] if not self.return_sequences else zeroing
+            zeroing = zeroing[:, last] if not self.return_sequences else zeroing
             output = ops.where(expand_like(ops, zeroing, output), output, ops.zeros_like(output))
         if not self.return_sequences:
             output = output[:, 0]
@@ -268,7 +280,7 @@ class TracedRNN(WrapsRecurrentLayer):
             carry = initial_state is not None or sequence_q is parts[0]
             if step_mask is not None and quantity in self.state_index and carry:
                 sequence_q = carry_initial_state(ops, sequence_q, step_mask, initial_state,
-                                                 self.state_index[quantity])
+                                                 self.state_index[quantity], written_in_input_time)
             outputs.append(sequence_q)
         if self.expose_mask:
             if step_mask is None:
@@ -277,9 +289,16 @@ class TracedRNN(WrapsRecurrentLayer):
                     step_mask = step_mask[..., 0]  # [batch, time]
                 step_mask = ops.ones_like(step_mask)
             outputs.append(ops.cast(step_mask, "float32"))
+        if input_time and backwards and not written_in_input_time:
+            # Every sequence (the output with return_sequences, the exposed ones, the mask) to
+            # input time; the final states stay.
+            states_end = 1 + (len(final_states) if self.return_state else 0)
+            head = [ops.flip(outputs[0], axis=1) if self.return_sequences else outputs[0], *outputs[1:states_end]]
+            outputs = head + [ops.flip(t, axis=1) for t in outputs[states_end:]]
         return outputs
 
-    def compute_output_spec(self, inputs, initial_state=None, mask=None, training=None, edit_inputs=None):
+    def compute_output_spec(self, inputs, initial_state=None, mask=None, training=None, edit_inputs=None,
+                            input_time=False):
         # Keras 3 finds a layer's output specs by tracing ``call`` into a scratch graph, ops
         # that cost ~0.5 ms each to create. Within `shapes_only`, ``call`` runs on the symbolic
         # inputs themselves instead: Keras 3's ops infer shapes in Python, and the whole call
@@ -287,11 +306,13 @@ class TracedRNN(WrapsRecurrentLayer):
         symbolic = self.flavour.symbolic_tensor
         if shapes_only_active() and symbolic is not None and isinstance(inputs, symbolic):
             outputs = self.call(inputs, initial_state=initial_state, mask=mask, training=training,
-                                edit_inputs=edit_inputs)
+                                edit_inputs=edit_inputs, input_time=input_time)
             # One new tensor per output: call may return one tensor twice (the output and the
             # exposed h), and Keras maps a node's outputs by identity when it runs the graph.
             return [symbolic(t.shape, dtype=t.dtype) for t in outputs]
         extra = {} if edit_inputs is None else {"edit_inputs": edit_inputs}
+        if input_time:
+            extra["input_time"] = True
         return super().compute_output_spec(inputs, initial_state=initial_state, mask=mask, training=training,
                                            **extra)
 
