@@ -251,6 +251,8 @@ def test_unrolled_masked_lstm(flavour):
     if backwards:
         bi = model.get_layer("bi")
         assert_match(named, "bi.forward", reference_lstm(bi.forward_layer, x, flavour.name, mask=mask), LSTM_ALL)
+        assert_match(named, "bi.backward",
+                     backward_aligned(reference_lstm(bi.backward_layer, x, flavour.name, mask=mask)), LSTM_ALL)
     guard.check()
 
 
@@ -273,6 +275,32 @@ def test_bidirectional_gru_masked(flavour):
     backward = reference_gru(bi.backward_layer, embedded, flavour.name, mask=mask)
     assert_match(named, "bi.backward", backward_aligned(backward), GRU_ALL)
     np.testing.assert_allclose(named["tagger"], guard.outputs[0], atol=1e-5)
+    guard.check()
+
+
+def test_bidirectional_lstm_last_step_and_states_masked(flavour):
+    """A masked Bidirectional returning its last step and final states: the backward half's
+    sequences aligned with input time, its last step the one it processed last (input step 0)."""
+    keras, layers = flavour.keras, flavour.layers
+    inputs = keras.Input((6, 3), name="x")
+    bi = layers.Bidirectional(layers.LSTM(3, return_state=True), name="bi")
+    model = keras.Model(inputs, bi(layers.Masking(0.0, name="masking")(inputs)))
+    x = float_batch(time=6)
+    x[1, 4:] = 0.0
+    x[2, :2] = 0.0
+    guard = Untouched(model, x)
+
+    traced = expose_cell_states(model, states=("c", "h", "gates"), expose_masks=True)
+
+    named = outputs_by_name(traced, x)
+    mask = np.any(x != 0, axis=-1)
+    assert_match(named, "bi.forward", reference_lstm(bi.forward_layer, x, flavour.name, mask=mask), LSTM_ALL)
+    backward = reference_lstm(bi.backward_layer, x, flavour.name, mask=mask)
+    assert_match(named, "bi.backward", backward_aligned(backward), LSTM_ALL)
+    np.testing.assert_array_equal(named["bi.backward.mask"], mask.astype("float32"))
+    last_h = np.concatenate([reference_lstm(bi.forward_layer, x, flavour.name, mask=mask)["last_h"],
+                             backward["last_h"]], axis=-1)
+    np.testing.assert_allclose(run(traced, x)[0], last_h, atol=1e-5)  # the merged output comes first
     guard.check()
 
 
