@@ -33,7 +33,7 @@ def _broadcast_mask(step_mask, tensor):
 
 
 def parts_loop(step_function, inputs, initial_states, mask=None, go_backwards=False, unroll=False,
-               input_time=False):
+               input_time=False, shapes_function=None):
     """Run ``step_function(inputs_t, states) -> (outputs_t, new_states)`` over ``inputs``'s time axis.
 
     Returns ``(last_output, outputs, final_states)`` as ``keras.ops.rnn`` does for batch-major
@@ -41,7 +41,9 @@ def parts_loop(step_function, inputs, initial_states, mask=None, go_backwards=Fa
     order (reversed input time for ``go_backwards``), or aligned with input time with
     ``input_time`` (a Bidirectional's backward half: each step written where it belongs, no flip
     after the loop). A masked step keeps the states and repeats the previous step's outputs (an
-    output that is one of the step's states: the carried state).
+    output that is one of the step's states: the carried state). ``shapes_function``: the step
+    as it gives the same shapes with nothing kept from its trace (no dropout: a cell keeps the
+    masks it draws, which must not outlive that trace); ``step_function`` if None.
     """
     inputs_by_time = jnp.swapaxes(inputs, 0, 1)  # [time, batch, ...]: what scan slices
     mask_by_time = None if mask is None else jnp.swapaxes(mask.astype(bool), 0, 1)
@@ -60,9 +62,8 @@ def parts_loop(step_function, inputs, initial_states, mask=None, go_backwards=Fa
         computed = jax.tree.leaves(new_states)
         new_states = jax.tree.map(keep, new_states, states)
         kept = jax.tree.leaves(new_states)
-        previous = jax.tree.leaves(previous) if previous is not None else [None] * len(jax.tree.leaves(outputs_t))
         masked = []
-        for output, before in zip(jax.tree.leaves(outputs_t), previous):
+        for output, before in zip(jax.tree.leaves(outputs_t), jax.tree.leaves(previous)):
             same = [k for k, state in enumerate(computed) if state is output]
             if same:
                 # An output that is a state (an LSTM's h and c) repeats the carried state: the
@@ -70,7 +71,7 @@ def parts_loop(step_function, inputs, initial_states, mask=None, go_backwards=Fa
                 # Keras's loop gives for the output and the traced layer for an exposed state.
                 masked.append(kept[same[0]])
             else:
-                masked.append(keep(output, jnp.zeros_like(output) if before is None else before))
+                masked.append(keep(output, before))
         return jax.tree.unflatten(jax.tree.structure(outputs_t), masked), new_states
 
     def write(buffers, outputs_t, t):
@@ -88,18 +89,15 @@ def parts_loop(step_function, inputs, initial_states, mask=None, go_backwards=Fa
     states = tuple(initial_states)
     scope = contextlib.nullcontext() if stateless_scope.in_stateless_scope() else stateless_scope.StatelessScope()
     with scope:
-        # The first step runs before the loop, which gives the buffers their shapes (and creates
-        # a cell's dropout masks outside it, where the loop's trace may read them).
-        # (Indices from the ends: the time axis may be symbolic while Keras infers shapes.)
-        first, rest = (-1, slice(None, -1)) if go_backwards else (0, slice(1, None))
-        outputs_0, states = run_step(inputs_by_time[first], None if mask is None else mask_by_time[first],
-                                     states, None)
-        buffers = jax.tree.map(lambda o: jnp.zeros((o.shape[0], steps) + o.shape[1:], o.dtype), outputs_0)
-        buffers = write(buffers, outputs_0, 0)
-        scanned = inputs_by_time[rest] if mask is None else (inputs_by_time[rest], mask_by_time[rest])
+        # The step's output shapes, from an abstract trace: nothing of it enters the program (a
+        # first step run before the loop instead compiled the step twice).
+        output_specs, _ = jax.eval_shape(shapes_function or step_function, inputs_by_time[0], states)
+        buffers = jax.tree.map(lambda s: jnp.zeros((s.shape[0], steps) + s.shape[1:], s.dtype), output_specs)
+        previous = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), output_specs)
+        scanned = inputs_by_time if mask is None else (inputs_by_time, mask_by_time)
         (_, final_states, last_output, outputs), _ = lax.scan(
-            step, (1, states, outputs_0, buffers), scanned, reverse=go_backwards,
-            unroll=max(steps - 1, 1) if unroll and isinstance(steps, int) else 1)
+            step, (0, states, previous, buffers), scanned, reverse=go_backwards,
+            unroll=steps if unroll and isinstance(steps, int) else 1)
     if input_time and go_backwards and not write_backwards:
         outputs = jax.tree.map(lambda sequence: jnp.flip(sequence, axis=1), outputs)
     return last_output, outputs, list(final_states)

@@ -68,14 +68,15 @@ class PartsRNN(keras.layers.RNN):
             return super().inner_loop(sequences, initial_state, mask, training=training)
         from ._jax import parts_loop
 
-        cell_kwargs = {"training": training} if self.cell._call_has_training_arg else {}
+        takes_training = self.cell._call_has_training_arg
 
-        def step(inputs, states):
-            output, new_states = self.cell(inputs, states, **cell_kwargs)
+        def step(inputs, states, training=training):
+            output, new_states = self.cell(inputs, states, **({"training": training} if takes_training else {}))
             return output, new_states if keras.tree.is_nested(new_states) else [new_states]
 
         return parts_loop(step, sequences, initial_state if keras.tree.is_nested(initial_state) else [initial_state],
-                          mask=mask, go_backwards=self.go_backwards, unroll=self.unroll, input_time=input_time)
+                          mask=mask, go_backwards=self.go_backwards, unroll=self.unroll, input_time=input_time,
+                          shapes_function=lambda inputs, states: step(inputs, states, training=False))
 
     def call(self, sequences, initial_state=None, mask=None, training=False, input_time=False):
         expected, received = getattr(self, "_expected_batch_size", None), sequences.shape[0]
