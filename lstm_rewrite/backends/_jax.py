@@ -2,16 +2,17 @@
 
 Keras's JAX loop (keras/src/backend/jax/rnn.py) stacks each step's outputs time-major and
 transposes every sequence to ``[batch, time, ...]`` after the loop: for each exposed sequence one
-more pass over memory, which on CPU cost more than the step itself once every state was exposed
-(a medium LSTM with every state: 1.49x the original's time, against 1.28x when the loop writes each
-step straight into its batch-major place). It also repeats ``states[0]`` on masked steps, which is
+more pass over memory (a scan over a medium LSTM's step returning every state: 1.49x the time of
+one returning h, against 1.28x when the loop writes each step straight into its batch-major
+place). It also repeats ``states[0]`` on masked steps, which is
 not a traced cell's output. `parts_loop` writes every step's outputs into ``[batch, time, ...]``
 buffers carried through the loop, and on masked steps repeats the last valid output (zero before
 the first), as TensorFlow's and torch's loops do.
 
 `compiled_predict` is the jitted forward pass without ``predict_on_batch``'s per-call set-up and
-state sync, which cost capture more than half its throughput (a medium LSTM: 2932 sequences per
-second against 8719 for the jitted call).
+state sync (with a compile per ``cell_states`` call, since kept by `backends.cached_on_model`,
+they held capture of a medium LSTM to 2932 sequences per second against 8719 for the jitted call;
+now 6282).
 
 Only `lstm_rewrite.backends.keras3` imports this module, on the JAX backend.
 """
