@@ -98,9 +98,8 @@ class PartsRNN(keras.layers.RNN):
             lambda x: ops.convert_to_tensor(x, dtype=self.cell.compute_dtype), list(initial_state)
         )
         self._maybe_config_dropout_masks(self.cell, sequences[:, 0, :], initial_state)
-        loop_kwargs = {"input_time": True} if input_time else {}
         last_output, outputs, states = self.inner_loop(
-            sequences=sequences, initial_state=initial_state, mask=mask, training=training, **loop_kwargs
+            sequences=sequences, initial_state=initial_state, mask=mask, training=training, input_time=input_time
         )
         cast = lambda x: ops.cast(x, self.compute_dtype)  # noqa: E731
         outputs = keras.tree.map_structure(cast, outputs)

@@ -260,8 +260,7 @@ class TracedRNN(WrapsRecurrentLayer):
             output = output[:, last]
         if step_mask is not None and self.zero_output_for_mask and not (
                 self.unroll and not self.flavour.unrolled_loop_zeroes_masked_output):
-            zeroing = step_mask if not self.return_sequences else self._output_zeroing_mask(mask, step_mask)
-            zeroing = zeroing[:, last] if not self.return_sequences else zeroing
+            zeroing = self._output_zeroing_mask(mask, step_mask) if self.return_sequences else step_mask[:, last]
             output = ops.where(expand_like(ops, zeroing, output), output, ops.zeros_like(output))
         if not self.return_sequences:
             output = output[:, 0]
